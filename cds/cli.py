@@ -1,0 +1,124 @@
+"""The ``cds`` command: serve, mint a demo token, check policies, evaluate a request offline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from cds.errors import CdsError
+
+
+def _config(overrides: dict[str, Any]) -> Any:
+    from cds.config import load_config
+
+    return load_config({k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cds import create_app
+    from cds.server import serve
+
+    overrides = {
+        k: v for k, v in {"host": args.host, "port": args.port, "workers": args.workers}.items() if v is not None
+    }
+    cfg = _config(overrides)
+    app = create_app(overrides)
+    base = cfg.base_url
+    print(
+        f"cds: serving {base} (discovery: {base}/cds-services) with {cfg['workers']} workers; "
+        f"store {cfg.database_url.split('://')[0]}",
+        flush=True,
+    )
+    if cfg["demo_client"] and cfg["auth_required"]:
+        print(
+            "cds: demo client on. Call a service with a demo token:\n"
+            f"  TOKEN=$(cds token order-sign)\n"
+            f"  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
+            f"-d @fixtures/requests/order-sign-acquired-hemophilia.json {base}/cds-services/order-sign",
+            flush=True,
+        )
+    serve(app, str(cfg["host"]), int(cfg["port"]), int(cfg["workers"]), int(cfg["threads"]))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from cds.demo import mint
+
+    cfg = _config({})
+    base = cfg.base_url
+    audience = args.aud or (f"{base}/cds-services/{args.service}" if args.service else f"{base}/cds-services")
+    print(mint(Path(cfg["data_dir"]), audience, args.lifetime))
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from policies.check import check_all
+
+    problems = check_all(Path(args.dir) if args.dir else None)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("policies: all checks passed")
+    return 0
+
+
+def cmd_policy_lock(args: argparse.Namespace) -> int:
+    from fhir_mappings.loader import load_mappings
+    from policies.check import LOCK, write_lock
+    from policies.loader import load_policies
+
+    refused = write_lock(load_policies(load_mappings()))
+    for line in refused:
+        print(line, file=sys.stderr)
+    if refused:
+        return 1
+    print(f"wrote {LOCK}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cds.evaluate import evaluate_file
+
+    print(evaluate_file(Path(args.request), as_json=args.json, today=args.today))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the production server (gunicorn)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("token", help="mint a CDS Hooks JWT from the demo client")
+    p.add_argument("service", nargs="?", help="service id (audience {base_url}/cds-services/{service})")
+    p.add_argument("--aud", help="explicit audience URL")
+    p.add_argument("--lifetime", type=int, default=300, help="seconds until exp (default 300)")
+    p.set_defaults(func=cmd_token)
+    p = sub.add_parser("policy", help="policy author tools")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    c = psub.add_parser("check", help="lint every policy and run its cases")
+    c.add_argument("--dir", help="policy directory (default: the shipped policies)")
+    c.set_defaults(func=cmd_policy_check)
+    c = psub.add_parser("lock", help="record each policy's version and content hash in versions.lock")
+    c.set_defaults(func=cmd_policy_lock)
+    p = sub.add_parser("evaluate", help="print the determination for an offline hook request")
+    p.add_argument("request", help="a CDS Hooks request JSON file with full prefetch")
+    p.add_argument("--json", action="store_true", help="print the hook response as JSON too")
+    p.add_argument("--today", help="evaluation date (YYYY-MM-DD; default today)")
+    p.set_defaults(func=cmd_evaluate)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CdsError as exc:
+        print(f"cds: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

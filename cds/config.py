@@ -1,0 +1,201 @@
+"""Settings, declared once, loaded in layers.
+
+Order (later wins): the defaults below, a TOML file named by ``CDS_CONFIG``, ``CDS_*`` environment variables,
+then the mapping handed to :func:`cds.create_app` (tests). Every setting here is documented in README.md; a test
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cds.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+
+
+DEFAULT_PAYERS: tuple[dict[str, Any], ...] = (
+    {
+        "id": "cigna",
+        "name": "Cigna Healthcare",
+        "identifier_system": "urn:cds:payer-id",
+        "identifier_value": "cigna",
+        "policies": ["cigna-ip0356", "cigna-ip0355"],
+    },
+    {
+        "id": "bcbsks",
+        "name": "Blue Cross and Blue Shield of Kansas",
+        "identifier_system": "urn:cds:payer-id",
+        "identifier_value": "bcbsks",
+        "policies": [],
+    },
+    {
+        "id": "ny-pharmacy-109",
+        "name": "New York health plan (PHARMACY-109)",
+        "identifier_system": "urn:cds:payer-id",
+        "identifier_value": "ny-pharmacy-109",
+        "policies": [],
+    },
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "base_url",
+        "",
+        "Public base URL of this service (JWT `aud` and canonicals derive from it); empty means "
+        "`http://{host}:{port}`.",
+    ),
+    Setting("host", "127.0.0.1", "Address `cds serve` binds."),
+    Setting("port", 8080, "Port `cds serve` binds."),
+    Setting("workers", 3, "gunicorn worker processes for `cds serve`."),
+    Setting("threads", 4, "Threads per gunicorn worker (gthread worker class, keep-alive)."),
+    Setting("data_dir", "./data", "Directory for the embedded SQLite database and the demo signing key."),
+    Setting("database_url", "", "SQLAlchemy URL of the store; empty means SQLite at `{data_dir}/cds.sqlite3`."),
+    Setting("auth_required", True, "Verify the CDS Hooks JWT on every hook call (401 otherwise)."),
+    Setting("discovery_auth_required", False, "Also require the JWT on `GET /cds-services`."),
+    Setting(
+        "demo_client", True, "Trust a locally generated demo key (`cds token` mints tokens). Turn off in production."
+    ),
+    Setting("clients", [], "Trusted CDS clients: list of tables with `iss` and `jwks_url` or inline `jwks`."),
+    Setting("jwt_max_age", 3600, "Seconds a token's `iat` may lie in the past; also how long a `jti` is remembered."),
+    Setting("jwt_leeway", 60, "Clock skew tolerated on `exp` and `iat`, in seconds."),
+    Setting("jwks_cache_seconds", 300, "How long a JWK Set fetched from `jwks_url` is cached."),
+    Setting("fhir_connect_timeout", 0.5, "Seconds to connect to the EHR FHIR server when prefetch is missing."),
+    Setting("fhir_read_timeout", 1.5, "Seconds to wait for an EHR FHIR server response."),
+    Setting(
+        "fhir_total_timeout", 3.0, "Seconds all EHR reads of one hook call may take together; later reads are skipped."
+    ),
+    Setting("max_request_bytes", 5_000_000, "Largest request body accepted (413 above)."),
+    Setting(
+        "payers",
+        list(DEFAULT_PAYERS),
+        "Payer registry: `id`, `name`, `identifier_system`, `identifier_value`, `policies`.",
+    ),
+    Setting("policy_dir", "", "Directory of policy folders; empty means the policies shipped in `policies/`."),
+    Setting("max_cards", 10, "Default for the `max-cards` configuration option."),
+    Setting("bench_echo", False, "Expose `POST /_echo`, a trivial JSON echo route the benchmark compares against."),
+    Setting("log_level", "INFO", "Python logging level. Logs never carry patient data or tokens."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+    @property
+    def base_url(self) -> str:
+        url = str(self.values["base_url"]).rstrip("/")
+        return url or f"http://{self.values['host']}:{self.values['port']}"
+
+    @property
+    def database_url(self) -> str:
+        url = str(self.values["database_url"])
+        if url:
+            return url
+        return f"sqlite:///{Path(self.values['data_dir']).resolve() / 'cds.sqlite3'}"
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    default = _BY_NAME[name].default
+    if isinstance(raw, str) and not isinstance(default, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            if isinstance(default, bool):
+                low = raw.strip().lower()
+                if low in {"true", "yes", "on", "1"}:
+                    return True
+                if low in {"false", "no", "off", "0"}:
+                    return False
+            raise ConfigError(
+                f"{source}: setting '{name}' has value {raw!r}, not a valid {type(default).__name__}"
+            ) from None
+    if isinstance(default, bool):
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{source}: setting '{name}' must be true or false, got {raw!r}")
+    elif isinstance(default, int | float) and not isinstance(default, bool):
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{source}: setting '{name}' must be a number, got {raw!r}")
+        raw = type(default)(raw) if isinstance(default, float) else raw
+    elif isinstance(default, list) and not isinstance(raw, list):
+        raise ConfigError(f"{source}: setting '{name}' must be a list, got {type(raw).__name__}")
+    elif isinstance(default, str) and not isinstance(raw, str):
+        raise ConfigError(f"{source}: setting '{name}' must be a string, got {raw!r}")
+    return raw
+
+
+def _merge(target: dict[str, Any], layer: Mapping[str, Any], source: str) -> None:
+    for key, raw in layer.items():
+        if key not in _BY_NAME:
+            raise ConfigError(f"{source}: unknown setting '{key}'")
+        target[key] = _coerce(key, raw, source)
+
+
+def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, the TOML file, the environment and ``overrides``.
+
+    :raise ConfigError: unknown setting, wrong type, or unreadable file (message names the source).
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    path = env.get("CDS_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                _merge(values, tomllib.load(fh), path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration file ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    env_layer = {key[4:].lower(): value for key, value in env.items() if key.startswith("CDS_") and key != "CDS_CONFIG"}
+    _merge(values, env_layer, "environment")
+    if overrides:
+        _merge(values, overrides, "create_app(config)")
+    _check_clients(values["clients"])
+    _check_payers(values["payers"])
+    return Config(values)
+
+
+def _check_clients(clients: list[Any]) -> None:
+    for i, client in enumerate(clients):
+        where = f"clients[{i}]"
+        if not isinstance(client, dict) or not client.get("iss"):
+            raise ConfigError(f"{where}: each client needs an 'iss'")
+        if not client.get("jwks_url") and not client.get("jwks"):
+            raise ConfigError(f"{where}: client '{client['iss']}' needs 'jwks_url' or 'jwks'")
+
+
+def _check_payers(payers: list[Any]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for i, payer in enumerate(payers):
+        where = f"payers[{i}]"
+        if not isinstance(payer, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for key in ("id", "name", "identifier_system", "identifier_value"):
+            if not payer.get(key):
+                raise ConfigError(f"{where}: missing '{key}'")
+        if not isinstance(payer.get("policies", []), list):
+            raise ConfigError(f"{where}: 'policies' must be a list of policy ids")
+        ident = (payer["identifier_system"], payer["identifier_value"])
+        if ident in seen:
+            raise ConfigError(f"{where}: identifier {ident[0]}|{ident[1]} is used by two payers")
+        seen.add(ident)

@@ -1,0 +1,29 @@
+"""Spec URLs and codes, in one place (never as inline literals elsewhere)."""
+
+from __future__ import annotations
+
+COVERAGE_INFO_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
+CRD_TEMP_SYSTEM = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
+CARD_TYPE_SYSTEM = CRD_TEMP_SYSTEM  # CRD 2.0.1 topics; CRD 2.2 binds the same codes extensibly
+CRD_VERSIONS = ("2.2",)
+TASK_CODE_SYSTEM = CRD_TEMP_SYSTEM
+CRD_TASK_PROFILE = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/profile-taskquestionnaire"
+DTR_QUESTIONNAIRE_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/dtr-std-questionnaire"
+DTR_QR_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/dtr-questionnaireresponse"
+DTR_INFORMATION_ORIGIN = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/information-origin"
+DTR_QR_COVERAGE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/qr-coverage"
+DTR_QR_CONTEXT = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/qr-context"
+DTR_INTENDED_USE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/intendedUse"
+SDC_ITEM_CONTROL = "http://hl7.org/fhir/StructureDefinition/questionnaire-itemControl"
+SDC_UNIT_OPTION = "http://hl7.org/fhir/StructureDefinition/questionnaire-unitOption"
+ITEM_CONTROL_SYSTEM = "http://hl7.org/fhir/questionnaire-item-control"
+PAYER_ID_SYSTEM = "urn:cds:payer-id"
+CRITERIA_SYSTEM_PATH = "/fhir/CodeSystem/policy-criteria"  # under base_url: codes are criterion ids
+
+# configuration options every order service advertises (CRD deviations.md: one boolean per card type returned)
+OPTION_COVERAGE_INFO = "coverage-info"
+OPTION_GUIDELINE = "guideline"
+OPTION_ALTERNATIVES = "therapy-alternatives-opt"
+OPTION_FORM_COMPLETION = "request-form-completion"
+OPTION_UNSOLICITED = "unsolicited-determ"
+OPTION_MAX_CARDS = "max-cards"

@@ -1,0 +1,392 @@
+"""Coverage requirements for the draft orders of one hook call: parse → map → evaluate → the extension.
+
+For each in-scope MedicationRequest: identify the drug, find the payer's policy for it, gather the record, evaluate,
+and state the result as a coverage-information extension (with the Questionnaire for what is missing, or the prior
+authorization it satisfies). Cards are rendered from the result elsewhere (:mod:`cds.cards`).
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import date
+from typing import Any
+
+from cds import coverage_info, questionnaires
+from cds.constants import OPTION_UNSOLICITED
+from cds.coverage_info import CoverageInfo, Reason
+from cds.errors import DataUnavailable
+from cds.fhirclient import FhirClient
+from cds.hookrequest import HookRequest, validate_resource
+from cds.payers import CoverageChoice, choose_coverage
+from cds.prefetch import DataSource, Fetched
+from cds.runtime import Runtime
+from cds.store import AssertionRecord, PriorAuth
+from fhir_mappings import systems
+from fhir_mappings.extract import ClinicalData, FactFinder, medication_codings
+from policies import explain
+from policies.engine import Decision, Determination, evaluate
+from policies.model import Product
+from policies.questions import Question, open_questions
+
+# the sources read for a decision under a policy (cds.prefetch.SOURCES names them)
+DECISION_SOURCES = ("patient", "practitioners", "conditions", "observations", "medication_history")
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    """What every assertion of one order carries: the Coverage it applies to, the date, its id."""
+
+    coverage: str
+    today: date
+    assertion_id: str
+
+    def info(self, **details: Any) -> CoverageInfo:
+        return CoverageInfo(coverage=self.coverage, today=self.today, assertion_id=self.assertion_id, **details)
+
+
+@dataclass(frozen=True)
+class Assessed:
+    """One order's result: what we tell the EHR about it and what we keep."""
+
+    order: Mapping[str, Any]
+    drug: str  # the drug's name, for people
+    info: CoverageInfo
+    determination: Determination | None = None
+    questions: tuple[Question, ...] = ()
+    questionnaire: Mapping[str, Any] | None = None
+    draft_response: Mapping[str, Any] | None = None
+    prior_auth: PriorAuth | None = None
+    new_prior_auth: bool = False
+    unchanged: bool = False  # the order already carries this assertion: no system action (CRD §resp-29)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def reference(self) -> str:
+        return f"{self.order.get('resourceType')}/{self.order.get('id')}"
+
+    @property
+    def extension(self) -> dict[str, Any]:
+        return self.info.as_json()
+
+
+@dataclass(frozen=True)
+class Assessment:
+    coverage: CoverageChoice
+    patient_key: str
+    orders: tuple[Assessed, ...]
+    queried: tuple[str, ...]
+
+    def records(self, hook_instance: str) -> list[AssertionRecord]:
+        """The assertions to keep: every order's, but those that repeat what the order already carried."""
+        out = []
+        for a in self.orders:
+            if a.unchanged:
+                continue
+            det = a.determination
+            out.append(
+                AssertionRecord(
+                    assertion_id=a.info.assertion_id,
+                    hook_instance=hook_instance,
+                    payer_id=self.coverage.payer.id,
+                    patient_key=self.patient_key,
+                    order_ref=a.reference,
+                    policy=det.policy.ref if det else None,
+                    product=det.product.id if det else None,
+                    decision=det.decision.value if det else "no-policy",
+                    covered=a.info.covered,
+                    pa_needed=a.info.pa_needed,
+                    satisfied_pa_id=a.info.satisfied_pa_id,
+                    questionnaire=a.info.questionnaires[0] if a.info.questionnaires else None,
+                    extension=a.extension,
+                    trace=explain.trace(det) if det else {"decision": "no-policy", "notes": list(a.notes)},
+                    draft_response=a.draft_response,
+                )
+            )
+        return out
+
+    def new_prior_auths(self) -> list[PriorAuth]:
+        return [a.prior_auth for a in self.orders if a.new_prior_auth and a.prior_auth is not None]
+
+
+def patient_key(choice: CoverageChoice, request: HookRequest) -> str:
+    """A stable, non-identifying key for the member: the payer's member id when the Coverage has one."""
+    member = choice.member_id
+    basis = (
+        f"{choice.payer.id}|member|{member}"
+        if member
+        else f"{choice.payer.id}|ehr|{request.fhir_server}|{request.context.get('patientId')}"
+    )
+    return hashlib.sha256(basis.encode()).hexdigest()[:40]
+
+
+def _drug_name(order: Mapping[str, Any], found: Sequence[Mapping[str, Any]]) -> str:
+    concept = order.get("medicationCodeableConcept") or {}
+    if isinstance(concept, Mapping) and concept.get("text"):
+        return str(concept["text"])
+    for c in found:
+        if c.get("display"):
+            return str(c["display"])
+    ref = (order.get("medicationReference") or {}).get("display")
+    return str(ref) if ref else "this medication"
+
+
+class _Context:
+    """One hook call: the runtime, the request, where its data comes from."""
+
+    def __init__(self, rt: Runtime, request: HookRequest, primary: bool) -> None:
+        self.rt = rt
+        self.request = request
+        self.primary = primary
+        self.today: date = rt.clock().date()
+        client = None
+        if request.can_query:
+            client = FhirClient(
+                request.fhir_server or "",
+                request.access_token or "",
+                float(rt.config["fhir_connect_timeout"]),
+                float(rt.config["fhir_read_timeout"]),
+            )
+        self.source = DataSource(request, rt.templates, client, float(rt.config["fhir_total_timeout"]))
+        self._data: dict[str, Fetched] | None = None
+
+    def option(self, code: str, default: Any) -> Any:
+        return self.request.configuration.get(code, default)
+
+    def data(self) -> dict[str, Fetched]:
+        """The sources a policy decision reads, fetched once for all orders of the call."""
+        if self._data is None:
+            self._data = {name: self.source.source(name) for name in DECISION_SOURCES}
+            missing = [name for name, got in self._data.items() if got.status == "unavailable"]
+            if missing:
+                raise DataUnavailable(
+                    f"Data for {', '.join(missing)} was neither prefetched nor can it be queried "
+                    "(send the prefetch keys from discovery, or fhirServer and fhirAuthorization)"
+                )
+            for patient in _of(self._data["patient"], "Patient")[:1]:
+                validate_resource(patient, "prefetch.patient")
+        return self._data
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One order of the call, with what every assertion about it carries."""
+
+    ctx: _Context
+    choice: CoverageChoice
+    patient_key: str
+    order: Mapping[str, Any]
+    drug: str
+    stamp: _Stamp
+
+    def result(self, info: CoverageInfo, det: Determination | None = None, **more: Any) -> Assessed:
+        return Assessed(self.order, self.drug, info, det, **more)
+
+
+def assess(rt: Runtime, request: HookRequest, orders: Sequence[Mapping[str, Any]], *, primary: bool) -> Assessment:
+    """Coverage information for each MedicationRequest in ``orders`` (the in-scope draft orders)."""
+    ctx = _Context(rt, request, primary)
+    try:
+        choice = choose_coverage(ctx.source, rt.payers)
+        key = patient_key(choice, request)
+        out = [_assess_order(ctx, choice, key, o) for o in orders if o.get("resourceType") == "MedicationRequest"]
+        return Assessment(choice, key, tuple(out), tuple(ctx.source.queried))
+    finally:
+        ctx.source.close()
+
+
+def _medications(ctx: _Context, order: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ...], str]:
+    """The Medication an order references on the EHR (contained ones are read from the order itself)."""
+    target = (order.get("medicationReference") or {}).get("reference")
+    if not isinstance(target, str) or target.startswith("#") or not target:
+        return (), ""
+    got = ctx.source.read("Medication/" + target.rsplit("/", 1)[-1])
+    if got.status == "unavailable":
+        raise DataUnavailable(f"The ordered {target} is needed to identify the drug: {got.note}")
+    return got.resources, got.note
+
+
+def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mapping[str, Any]) -> Assessed:
+    rt = ctx.rt
+    stamp = _Stamp(choice.reference, ctx.today, rt.new_id())
+    medications, med_note = _medications(ctx, order)
+    found = medication_codings(order, medications)
+    drug_inputs = frozenset(
+        row.input
+        for c in found
+        for row in rt.mappings.lookup(c.get("system"), c.get("code"))
+        if rt.mappings.inputs[row.input].kind == "drug"
+    )
+    job = _Job(ctx, choice, key, order, _drug_name(order, found), stamp)
+    if med_note and not found:
+        reason = Reason(f"The ordered medication could not be identified: {med_note}", "technical")
+        info = stamp.info(covered="indeterminate", pa_needed="indeterminate", reasons=(reason,))
+        return _finish(ctx, job.result(info, notes=(med_note,)))
+    match = rt.policies.find(choice.payer.policies, drug_inputs)
+    if match is None:
+        return _finish(ctx, job.result(stamp.info(covered="covered", pa_needed="no-auth")))
+    policy, product = match
+    data = ctx.data()
+    clinical = ClinicalData(
+        today=ctx.today,
+        order=order,
+        patient=next(iter(_of(data["patient"], "Patient")), None),
+        conditions=_of(data["conditions"], "Condition"),
+        observations=_of(data["observations"], "Observation"),
+        practitioner_roles=_of(data["practitioners"], "PractitionerRole"),
+        practitioners=_of(data["practitioners"], "Practitioner"),
+        medications=tuple(medications),
+        medication_history=_of(
+            data["medication_history"], "MedicationStatement", "MedicationRequest", "MedicationAdministration"
+        ),
+        user=ctx.request.context.get("userId"),
+        available=frozenset(n for n, f in data.items() if f.ok),
+    )
+    det = evaluate(policy, product, rt.mappings, FactFinder(rt.mappings, clinical), order, ctx.today)
+    failed = {n: f.note for n, f in data.items() if f.status == "failed"}
+    return _finish(ctx, _from_determination(replace(job, drug=product.title), det, failed))
+
+
+def _of(fetched: Fetched, *types: str) -> tuple[Mapping[str, Any], ...]:
+    return tuple(r for r in fetched.resources if r.get("resourceType") in types)
+
+
+def _billing(rt: Runtime, product: Product) -> tuple[Mapping[str, str], ...]:
+    """The HCPCS code a claim must carry for the assertion to hold (CRD §resp-30)."""
+    for drug in product.drugs:
+        for row in rt.mappings.rows_for(drug):
+            if row.system == systems.HCPCS:
+                return ({"system": row.system, "code": row.code, "display": row.display},)
+    return ()
+
+
+def _over_limit(det: Determination) -> str:
+    return "; ".join(f"{d.id} {d.rule.text}: requested {d.note}" for d in det.doses if d.state.value == "not-met")
+
+
+def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]) -> Assessed:
+    ctx, stamp = job.ctx, job.stamp
+    rt, policy, product = ctx.rt, det.policy, det.product
+    billing = _billing(rt, product)
+    decision = det.decision
+    if decision is Decision.NOT_COVERED:
+        info = stamp.info(covered="not-covered", reasons=(Reason(f"{policy.ref}: {explain.failed_text(det)}"),))
+        return job.result(info, det)
+    if decision is Decision.DOSE_REVIEW:
+        why = f"{policy.ref}: the dose exceeds the policy limit and will be reviewed case by case ({_over_limit(det)})"
+        return job.result(
+            stamp.info(covered="covered", pa_needed="auth-needed", billing_codes=billing, reasons=(Reason(why),)), det
+        )
+    if decision is Decision.APPROVED:
+        return _approved(job, det, billing)
+    questions = open_questions(det, rt.mappings)
+    if not ctx.primary:
+        # secondary hooks never ask for clinical documentation (CRD §hook-19): say what signing will need
+        wanted = coverage_info.first_text([f"{q.link_id} {q.text}" for q in questions])
+        why = f"{policy.ref}: prior authorization applies; when the order is signed, documentation will be needed for: "
+        return job.result(
+            stamp.info(
+                covered="covered", pa_needed="auth-needed", billing_codes=billing, reasons=(Reason(why + wanted),)
+            ),
+            det,
+            questions=questions,
+        )
+    questionnaire = questionnaires.build(policy, product, questions, rt.base_url)
+    rt.store.save_questionnaire(questionnaire["id"], policy.ref, questionnaire)
+    draft = questionnaires.draft_response(
+        questionnaire,
+        questions,
+        patient=f"Patient/{ctx.request.context.get('patientId')}",
+        coverage=job.choice.reference,
+        order=f"MedicationRequest/{job.order.get('id')}",
+        today=ctx.today,
+        base_url=rt.base_url,
+    )
+    if decision is Decision.DOCUMENTATION and product.documentation is not None:
+        why = f"{policy.ref}: the criteria are met; {product.documentation.id} {product.documentation.text}"
+    else:
+        why = f"{policy.ref}: the record does not settle " + coverage_info.first_text(
+            [f"{q.link_id} ({q.text})" for q in questions], 4
+        )
+        if _over_limit(det):
+            why += f"; the dose also exceeds the limit: {_over_limit(det)}"
+    technical = tuple(
+        Reason(
+            f"The {name.replace('_', ' ')} could not be read from the EHR ({note}); the items it "
+            "would have settled are asked instead",
+            "technical",
+        )
+        for name, note in failed.items()
+    )
+    info = stamp.info(
+        covered="covered",
+        pa_needed="auth-needed",
+        doc_needed="clinical",
+        doc_purpose="withpa",
+        billing_codes=billing,
+        reasons=(Reason(why), *technical),
+        questionnaires=(questionnaires.canonical(questionnaire),),
+    )
+    return job.result(info, det, questions=questions, questionnaire=questionnaire, draft_response=draft)
+
+
+def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], ...]) -> Assessed:
+    ctx, stamp = job.ctx, job.stamp
+    rt, policy, product = ctx.rt, det.policy, det.product
+    met = det.chosen.indication if det.chosen else None
+    basis = f"{policy.ref}: {met.id} {met.title}, every criterion met" if met else f"{policy.ref}: criteria met"
+    if not ctx.primary or not ctx.option(OPTION_UNSOLICITED, True):
+        when = "when the order is signed" if not ctx.primary else "on request (this call asked for no determination)"
+        return job.result(
+            stamp.info(
+                covered="covered",
+                pa_needed="auth-needed",
+                billing_codes=billing,
+                reasons=(Reason(f"{basis}; the prior authorization is issued {when}"),),
+            ),
+            det,
+        )
+    payer = job.choice.payer
+    existing = rt.store.active_prior_auth(payer.id, job.patient_key, product.id, policy.id, ctx.today)
+    issued = existing or PriorAuth(
+        rt.new_pa_id(),
+        stamp.assertion_id,
+        payer.id,
+        job.patient_key,
+        product.id,
+        policy.id,
+        ctx.today,
+        add_months(ctx.today, det.authorization_months) if det.authorization_months else None,
+        product.authorization.doses,
+    )
+    until = (
+        f"valid through {issued.valid_to.isoformat()}"
+        if issued.valid_to
+        else f"valid for {issued.doses} dose(s)"
+        if issued.doses
+        else "valid"
+    )
+    reason = Reason(f"{basis}; prior authorization {issued.pa_id} {until} ({product.authorization.id})")
+    info = stamp.info(
+        covered="covered", pa_needed="satisfied", satisfied_pa_id=issued.pa_id, billing_codes=billing, reasons=(reason,)
+    )
+    return job.result(info, det, prior_auth=issued, new_prior_auth=existing is None)
+
+
+def add_months(start: date, months: int) -> date:
+    month = start.month - 1 + months
+    year, month = start.year + month // 12, month % 12 + 1
+    return date(year, month, min(start.day, calendar.monthrange(year, month)[1]))
+
+
+def _finish(ctx: _Context, assessed: Assessed) -> Assessed:
+    """Mark an order whose incoming coverage-information already says the same (CRD §resp-29, §resp-35)."""
+    new = assessed.extension
+    for old in coverage_info.existing(assessed.order):
+        if coverage_info.same_assertion(old, new):
+            old_id = (coverage_info.values(old, "coverage-assertion-id") or [None])[0]
+            if isinstance(old_id, str) and ctx.rt.store.assertion(old_id) is not None:
+                return replace(assessed, unchanged=True)
+    return assessed

@@ -1,0 +1,126 @@
+"""Every error this service raises, and the one shape they are rendered in.
+
+Hierarchy::
+
+    CdsError                    500 exception      something we did not foresee (never the client's fault)
+    ├── ConfigError             startup            bad setting; message names the file or variable
+    ├── LoadError               startup            bad policy or mapping data; message is "file: place: problem"
+    │   ├── PolicyLoadError
+    │   └── MappingLoadError
+    ├── ClientError             400 invalid        the request is wrong; the message says how
+    │   ├── MalformedJson       400 structure      body is not JSON / not an object
+    │   ├── InvalidRequest      400 required       CDS Hooks shape: missing hook, context, draftOrders ...
+    │   ├── InvalidResource     400 structure      a FHIR resource fails R4 validation or has the wrong type
+    │   ├── CoverageProblem     400 business-rule  no usable Coverage, several, or a payer we do not serve
+    │   ├── UnsupportedVersion  422 not-supported  davinci-crd.requestedVersion we do not implement
+    │   ├── UnsupportedMedia    415 not-supported  body is not application/json
+    │   ├── NotFound            404 not-found      unknown service, resource or route
+    │   └── MethodNotAllowed    405 not-supported
+    ├── Unauthorized            401 login          JWT missing or rejected; no detail is ever given
+    └── DataUnavailable         412 processing     prefetch missing and the FHIR server cannot be queried
+
+Both the CDS Hooks endpoints and the FHIR endpoints answer errors with a FHIR ``OperationOutcome`` (CDS Hooks 3.0
+"Returning OperationOutcome"); :func:`to_operation_outcome` is the only renderer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CdsError(Exception):
+    http_status = 500
+    issue_code = "exception"
+
+    def __init__(self, message: str = "Internal error", *, expression: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expression = expression
+
+
+class ConfigError(CdsError):
+    pass
+
+
+class LoadError(CdsError):
+    def __init__(self, file: str, place: str, problem: str) -> None:
+        super().__init__(f"{file}: {place}: {problem}")
+        self.file = file
+        self.place = place
+        self.problem = problem
+
+
+class PolicyLoadError(LoadError):
+    pass
+
+
+class MappingLoadError(LoadError):
+    pass
+
+
+class ClientError(CdsError):
+    http_status = 400
+    issue_code = "invalid"
+
+
+class MalformedJson(ClientError):
+    issue_code = "structure"
+
+
+class InvalidRequest(ClientError):
+    issue_code = "required"
+
+
+class InvalidResource(ClientError):
+    issue_code = "structure"
+
+
+class CoverageProblem(ClientError):
+    issue_code = "business-rule"
+
+
+class UnsupportedVersion(ClientError):
+    http_status = 422
+    issue_code = "not-supported"
+
+
+class UnsupportedMedia(ClientError):
+    http_status = 415
+    issue_code = "not-supported"
+
+
+class NotFound(ClientError):
+    http_status = 404
+    issue_code = "not-found"
+
+
+class MethodNotAllowed(ClientError):
+    http_status = 405
+    issue_code = "not-supported"
+
+
+class Unauthorized(CdsError):
+    http_status = 401
+    issue_code = "login"
+
+    def __init__(self, reason: str = "") -> None:
+        # the reason is kept for tests and never rendered (CDS Hooks best practice: 401 with no detail)
+        super().__init__("Unauthorized")
+        self.reason = reason
+
+
+class DataUnavailable(CdsError):
+    http_status = 412
+    issue_code = "processing"
+
+
+def to_operation_outcome(error: CdsError) -> dict[str, Any]:
+    """Render any :class:`CdsError` as an R4 OperationOutcome (the body of every error response)."""
+    issue: dict[str, Any] = {
+        "severity": "error" if error.http_status < 500 else "fatal",
+        "code": error.issue_code,
+        "details": {"text": error.message},
+    }
+    if error.expression:
+        issue["expression"] = [error.expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}

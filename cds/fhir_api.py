@@ -1,0 +1,106 @@
+"""The FHIR endpoints under ``/fhir``: the Questionnaires our coverage information names, the prepopulated
+responses, the criteria code system, and a CapabilityStatement. Errors are OperationOutcomes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from cds import constants
+from cds.errors import NotFound
+from cds.runtime import Runtime
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+FHIR_JSON = "application/fhir+json"
+
+
+def _rt() -> Runtime:
+    rt: Runtime = current_app.extensions["cds"]
+    return rt
+
+
+def fhir_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status=status, mimetype=FHIR_JSON)
+
+
+@bp.get("/metadata")
+def metadata() -> Response:
+    rt = _rt()
+    return fhir_response(
+        {
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "date": rt.clock().date().isoformat(),
+            "kind": "instance",
+            "fhirVersion": "4.0.1",
+            "format": ["json"],
+            "implementation": {
+                "description": "Payer prior-authorization service (Da Vinci CRD)",
+                "url": f"{rt.base_url}/fhir",
+            },
+            "rest": [
+                {
+                    "mode": "server",
+                    "resource": [
+                        {"type": "Questionnaire", "interaction": [{"code": "read"}]},
+                        {"type": "QuestionnaireResponse", "interaction": [{"code": "read"}]},
+                        {"type": "CodeSystem", "interaction": [{"code": "read"}]},
+                    ],
+                }
+            ],
+        }
+    )
+
+
+@bp.get("/Questionnaire/<qid>")
+def questionnaire(qid: str) -> Response:
+    found = _rt().store.questionnaire(qid)
+    if found is None:
+        raise NotFound(f"Questionnaire/{qid} is not known here")
+    return fhir_response(found)
+
+
+@bp.get("/QuestionnaireResponse/<assertion_id>")
+def draft_response(assertion_id: str) -> Response:
+    """The prepopulated response made with an assertion. It carries patient data, so the caller must present a
+    CDS client JWT for this URL, like a hook call."""
+    rt = _rt()
+    if rt.verifier is not None:
+        rt.verifier.verify(
+            request.headers.get("Authorization"), f"{rt.base_url}/fhir/QuestionnaireResponse/{assertion_id}"
+        )
+    record = rt.store.assertion(assertion_id)
+    if record is None or record.draft_response is None:
+        raise NotFound(f"QuestionnaireResponse/{assertion_id} is not known here")
+    return fhir_response({**record.draft_response, "id": assertion_id})
+
+
+@bp.get("/CodeSystem/policy-criteria")
+def criteria() -> Response:
+    rt = _rt()
+    concepts = []
+    for policy in rt.policies.policies.values():
+        for product in policy.products:
+            seen = set()
+            for node in product.all_nodes():
+                if node.id and node.id not in seen:
+                    seen.add(node.id)
+                    concepts.append({"code": node.id, "display": node.text[:250]})
+            for ind in product.indications:
+                if ind.id not in seen:
+                    concepts.append({"code": ind.id, "display": ind.title})
+            concepts.append({"code": product.other_use.id, "display": product.other_use.text})
+    return fhir_response(
+        {
+            "resourceType": "CodeSystem",
+            "id": "policy-criteria",
+            "url": rt.base_url + constants.CRITERIA_SYSTEM_PATH,
+            "status": "active",
+            "content": "complete",
+            "caseSensitive": True,
+            "description": "Criterion ids of the payer policies, following each document's own numbering.",
+            "concept": concepts,
+        }
+    )

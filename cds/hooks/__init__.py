@@ -1,0 +1,13 @@
+"""The hook services. Discovery and the routes are both built from :func:`services`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cds.hooks import order_select, order_sign
+from cds.registry import ServiceDefinition
+
+
+def services(prefetch: Mapping[str, str]) -> tuple[ServiceDefinition, ...]:
+    templates = dict(prefetch)
+    return (order_sign.service(templates), order_select.service(templates))

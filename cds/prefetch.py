@@ -1,0 +1,189 @@
+"""Where the data for a decision comes from: the request's prefetch first, then the EHR's FHIR server.
+
+The prefetch templates (CDS Hooks 2.0: root-level context tokens only) are also the queries run when a key is
+missing, so data from either path is the same. A key holding ``null`` means "no data"; a key holding an
+OperationOutcome means the client could not fetch it, and it is queried like a missing key.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from cds.errors import InvalidRequest
+from cds.fhirclient import FhirClient, FhirReadError, bundle_resources
+from cds.hookrequest import HookRequest
+from fhir_mappings import systems
+from fhir_mappings.loader import Mappings
+
+TOKEN = re.compile(r"\{\{\s*context\.([A-Za-z]+)\s*\}\}")
+
+# the sources a decision reads, and the prefetch keys that feed each
+SOURCES: Mapping[str, tuple[str, ...]] = {
+    "patient": ("patient",),
+    "coverage": ("coverage",),
+    "practitioners": ("user", "practitionerRoles"),
+    "conditions": ("conditions",),
+    "observations": ("observations",),
+    "medication_history": ("medicationStatements", "medicationRequests", "medicationAdministrations"),
+}
+
+
+def order_prefetch(mappings: Mappings) -> dict[str, str]:
+    """Prefetch templates for the order hooks. The Observation codes are every LOINC code the mappings read."""
+    loinc = sorted({r.code for r in mappings.rows if r.system == systems.LOINC})
+    codes = ",".join(f"{systems.LOINC}|{c}" for c in loinc)
+    return {
+        "patient": "Patient/{{context.patientId}}",
+        "coverage": "Coverage?patient={{context.patientId}}&status=active",
+        "user": "{{context.userId}}",
+        "practitionerRoles": "PractitionerRole?practitioner={{context.userId}}",
+        "conditions": "Condition?patient={{context.patientId}}",
+        "observations": f"Observation?patient={{{{context.patientId}}}}&code={codes}",
+        "medicationStatements": "MedicationStatement?patient={{context.patientId}}",
+        "medicationRequests": "MedicationRequest?patient={{context.patientId}}",
+        "medicationAdministrations": "MedicationAdministration?patient={{context.patientId}}",
+    }
+
+
+@dataclass(frozen=True)
+class Fetched:
+    resources: tuple[Mapping[str, Any], ...] = ()
+    status: str = "ok"  # ok | failed (queried, and the query failed) | unavailable (absent, and no way to query)
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def render(template: str, context: Mapping[str, Any]) -> str | None:
+    """A template with its tokens filled from the context, or None when a token has no usable value."""
+    missing = False
+
+    def fill(match: re.Match[str]) -> str:
+        nonlocal missing
+        value = context.get(match.group(1))
+        if not isinstance(value, str) or not value:
+            missing = True
+            return ""
+        return value
+
+    out = TOKEN.sub(fill, template)
+    return None if missing else out
+
+
+def _prefetched(key: str, value: Any) -> Fetched | None:
+    """What a prefetch value holds, or None when it must be queried (an OperationOutcome)."""
+    if value is None:
+        return Fetched()
+    if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+        raise InvalidRequest(f"prefetch.{key} must be a FHIR resource, a Bundle or null", expression=f"prefetch.{key}")
+    if value["resourceType"] == "OperationOutcome":
+        return None
+    if value["resourceType"] == "Bundle":
+        return Fetched(tuple(bundle_resources(value)))
+    return Fetched((value,))
+
+
+class DataSource:
+    """One request's view of the EHR data. Fetches each key once; queries missing keys in parallel."""
+
+    def __init__(
+        self, request: HookRequest, templates: Mapping[str, str], client: FhirClient | None, budget_seconds: float
+    ) -> None:
+        self.request = request
+        self.templates = templates
+        self.client = client
+        self.deadline = time.monotonic() + budget_seconds
+        self._cache: dict[str, Fetched] = {}
+        self.queried: list[str] = []  # keys and references read from the FHIR server (for the audit record)
+
+    def _query(self, relative: str) -> Fetched:
+        assert self.client is not None
+        if time.monotonic() > self.deadline:
+            return Fetched(status="failed", note="the time allowed for reading the EHR was used up")
+        try:
+            return Fetched(tuple(self.client.search(relative)))
+        except FhirReadError as exc:
+            return Fetched(status="failed", note=str(exc))
+
+    def _resolve(self, key: str) -> Fetched:
+        if key in self.request.prefetch:
+            got = _prefetched(key, self.request.prefetch[key])
+            if got is not None:
+                return got
+        template = self.templates.get(key)
+        rendered = render(template, self.request.context) if template else None
+        if rendered is None:
+            return Fetched()  # nothing to look up (e.g. no userId): no data, not an error
+        if key == "practitionerRoles" and not str(self.request.context.get("userId", "")).startswith("Practitioner/"):
+            return Fetched()
+        if self.client is None:
+            return Fetched(
+                status="unavailable", note=f"prefetch '{key}' was not sent and the FHIR server cannot be queried"
+            )
+        self.queried.append(rendered)
+        return self._query(rendered)
+
+    def fetch(self, keys: Iterable[str]) -> dict[str, Fetched]:
+        wanted = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        local = [
+            k for k in wanted if k in self.request.prefetch and _prefetched(k, self.request.prefetch[k]) is not None
+        ]
+        remote = [k for k in wanted if k not in local]
+        for key in local:
+            self._cache[key] = self._resolve(key)
+        if len(remote) > 1 and self.client is not None:
+            with ThreadPoolExecutor(max_workers=min(4, len(remote))) as pool:
+                for key, got in zip(remote, pool.map(self._resolve, remote), strict=True):
+                    self._cache[key] = got
+        else:
+            for key in remote:
+                self._cache[key] = self._resolve(key)
+        return {k: self._cache[k] for k in keys}
+
+    def source(self, name: str) -> Fetched:
+        """All resources of a named source (several prefetch keys may feed it)."""
+        results = self.fetch(SOURCES[name])
+        resources = tuple(r for f in results.values() for r in f.resources)
+        bad = [f for f in results.values() if not f.ok]
+        if bad:
+            status = "unavailable" if any(f.status == "unavailable" for f in bad) else "failed"
+            return Fetched(resources, status, "; ".join(f.note for f in bad))
+        return Fetched(resources)
+
+    def read(self, reference: str) -> Fetched:
+        """A single resource by relative reference (``Organization/1``), from the prefetched data or the server."""
+        key = f"read:{reference}"
+        if key in self._cache:
+            return self._cache[key]
+        rtype, _, rid = reference.partition("/")
+        for value in self.request.prefetch.values():
+            if not isinstance(value, dict):
+                continue
+            found = [
+                r
+                for r in ([value] if value.get("resourceType") != "Bundle" else bundle_resources(value))
+                if r.get("resourceType") == rtype and r.get("id") == rid
+            ]
+            if found:
+                self._cache[key] = Fetched((found[0],))
+                return self._cache[key]
+        if self.client is None:
+            got = Fetched(
+                status="unavailable", note=f"{reference} is not in the prefetch and the FHIR server cannot be queried"
+            )
+        else:
+            self.queried.append(reference)
+            got = self._query(reference)
+        self._cache[key] = got
+        return got
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()

@@ -1,0 +1,50 @@
+"""Everything a request needs that outlives it, built once per process and never changed afterwards."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from cds.config import Config
+from cds.payers import PayerRegistry
+from cds.store import Store
+from fhir_mappings.loader import Mappings
+from policies.loader import PolicySet
+
+if TYPE_CHECKING:
+    from cds.auth import Verifier
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def random_id() -> str:
+    return str(uuid.uuid4())
+
+
+def random_pa_id() -> str:
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+    return "PA-" + "".join(secrets.choice(alphabet) for _ in range(10))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    config: Config
+    mappings: Mappings
+    policies: PolicySet
+    payers: PayerRegistry
+    store: Store
+    verifier: Verifier | None
+    templates: Mapping[str, str]
+    clock: Callable[[], datetime] = utc_now
+    new_id: Callable[[], str] = random_id
+    new_pa_id: Callable[[], str] = random_pa_id
+
+    @property
+    def base_url(self) -> str:
+        return self.config.base_url

@@ -1,0 +1,427 @@
+"""Turn FHIR R4 resources into named policy inputs (facts), each with the references that support it.
+
+Pure: no I/O, no Flask. A :class:`FactFinder` is built per request over a :class:`ClinicalData` and computes an
+input only when a policy asks for it.
+
+A fact's ``value`` is ``None`` when the data cannot settle it; ``partial`` then holds what weaker evidence suggests
+(a non-specific diagnosis code, a partial birth date) so a form can be prepopulated, and ``searched`` says whether
+the source was available at all (so "absent" can be told from "not looked at"). Lab facts carry the date they were
+measured; the engine, not this module, decides whether that is recent enough.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date
+from typing import Any
+
+from fhir_mappings import units
+from fhir_mappings.loader import CodeRow, InputDef, Mappings
+
+ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
+EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+FINAL_OBSERVATION = frozenset({"final", "amended", "corrected"})
+HISTORY_EXCLUDED = frozenset({"entered-in-error", "not-taken", "not-done", "cancelled", "draft"})
+HISTORY_CURRENT = frozenset({"active", "in-progress", "on-hold", "intended"})
+
+# qualitative results, as SNOMED CT findings, v3 interpretation codes or plain text -> our two answer codes
+_RESULT_CODES: Mapping[str, str] = {
+    "10828004": "positive",
+    "260373001": "positive",
+    "11214006": "positive",  # positive, detected, reactive
+    "260385009": "negative",
+    "260415000": "negative",
+    "131194007": "negative",  # negative, not detected, non-reactive
+    "POS": "positive",
+    "DET": "positive",
+    "NEG": "negative",
+    "ND": "negative",
+}
+_RESULT_TEXT: Mapping[str, str] = {
+    "positive": "positive",
+    "detected": "positive",
+    "reactive": "positive",
+    "negative": "negative",
+    "not detected": "negative",
+    "undetected": "negative",
+    "nonreactive": "negative",
+    "non-reactive": "negative",
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number known to lie between ``lo`` and ``hi`` (a lab comparator or a partial birth date widens it)."""
+
+    lo: float | None
+    hi: float | None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    @staticmethod
+    def exact(value: float) -> Range:
+        return Range(value, value)
+
+    @staticmethod
+    def measured(value: float, comparator: Any = None) -> Range:
+        """A result as reported: ``<5`` is every number below 5, ``>=5`` every number from 5 up."""
+        if comparator in ("<", "<="):
+            return Range(None, value, hi_open=comparator == "<")
+        if comparator in (">", ">="):
+            return Range(value, None, lo_open=comparator == ">")
+        return Range.exact(value)
+
+    def describe(self, unit: str | None = None) -> str:
+        suffix = f" {unit}" if unit else ""
+        if self.lo is not None and self.lo == self.hi:
+            return f"{_num(self.lo)}{suffix}"
+        if self.lo is None and self.hi is not None:
+            return f"{'<' if self.hi_open else '≤'}{_num(self.hi)}{suffix}"
+        if self.hi is None and self.lo is not None:
+            return f"{'>' if self.lo_open else '≥'}{_num(self.lo)}{suffix}"
+        return f"{_num(self.lo)}–{_num(self.hi)}{suffix}"
+
+
+def _num(v: float | None) -> str:
+    return "?" if v is None else f"{v:g}"
+
+
+@dataclass(frozen=True)
+class Fact:
+    value: Any = None  # bool | Range | str (answer code) | None when unsettled
+    evidence: tuple[str, ...] = ()
+    partial: Any = None  # what weaker evidence suggests, for prepopulating a form
+    searched: bool = False
+    note: str = ""
+    observed: date | None = None  # labs: when the result was taken
+    window_days: int | None = None  # labs: the mapping's default recency window
+
+    @property
+    def known(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True)
+class ClinicalData:
+    """What we know about the patient and the order, from prefetch or queries. Resources are R4 JSON dicts."""
+
+    today: date
+    order: Mapping[str, Any]
+    patient: Mapping[str, Any] | None = None
+    conditions: tuple[Mapping[str, Any], ...] = ()
+    observations: tuple[Mapping[str, Any], ...] = ()
+    practitioner_roles: tuple[Mapping[str, Any], ...] = ()
+    practitioners: tuple[Mapping[str, Any], ...] = ()
+    medications: tuple[Mapping[str, Any], ...] = ()
+    medication_history: tuple[Mapping[str, Any], ...] = ()
+    user: str | None = None  # the hook's userId, the prescriber when the order names no requester
+    # the sources obtained (prefetched or queried); one missing here was not available
+    available: frozenset[str] = field(default_factory=frozenset)
+
+
+def ref(resource: Mapping[str, Any]) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
+
+
+def codings(concept: Any) -> Iterable[Mapping[str, Any]]:
+    if isinstance(concept, Mapping):
+        for c in concept.get("coding") or ():
+            if isinstance(c, Mapping):
+                yield c
+
+
+def medication_codings(
+    resource: Mapping[str, Any], medications: Iterable[Mapping[str, Any]] = ()
+) -> list[Mapping[str, Any]]:
+    """Codings of the drug a Medication* resource names: its CodeableConcept, or the contained / given Medication."""
+    out = list(codings(resource.get("medicationCodeableConcept")))
+    mref = (resource.get("medicationReference") or {}).get("reference")
+    if isinstance(mref, str):
+        if mref.startswith("#"):
+            candidates = [c for c in resource.get("contained") or () if c.get("id") == mref[1:]]
+        else:
+            rid = mref.rsplit("/", 1)[-1]
+            candidates = [m for m in medications if m.get("id") == rid]
+        for med in candidates:
+            out.extend(codings(med.get("code")))
+    return out
+
+
+def effective_date(obs: Mapping[str, Any]) -> date | None:
+    raw = obs.get("effectiveDateTime") or obs.get("effectiveInstant")
+    if not raw and isinstance(obs.get("effectivePeriod"), Mapping):
+        raw = obs["effectivePeriod"].get("end") or obs["effectivePeriod"].get("start")
+    return parse_date(raw or obs.get("issued"))
+
+
+def parse_date(raw: Any) -> date | None:
+    if not isinstance(raw, str) or len(raw) < 10:
+        return None
+    try:
+        return date.fromisoformat(raw[:10])
+    except ValueError:
+        return None
+
+
+def years_between(born: date, today: date) -> int:
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def age_range(birth: str, today: date) -> Range:
+    """Age in whole years from a FHIR date (``YYYY``, ``YYYY-MM`` or ``YYYY-MM-DD``). Raises ValueError."""
+    parts = birth.split("-")
+    year = int(parts[0])
+    if len(parts) >= 3:
+        return Range.exact(years_between(date(year, int(parts[1]), int(parts[2][:2])), today))
+    first_month, last_month = (int(parts[1]), int(parts[1])) if len(parts) == 2 else (1, 12)
+    earliest = date(year, first_month, 1)
+    latest = date(year, last_month, calendar.monthrange(year, last_month)[1])
+    return Range(years_between(latest, today), years_between(earliest, today))
+
+
+class FactFinder:
+    """Computes facts on demand for one request and remembers them for that request only."""
+
+    def __init__(self, mappings: Mappings, data: ClinicalData) -> None:
+        self.mappings = mappings
+        self.data = data
+        self._cache: dict[str, Fact] = {}
+
+    def get(self, name: str) -> Fact:
+        if name not in self._cache:
+            self._cache[name] = self._compute(self.mappings.inputs[name])
+        return self._cache[name]
+
+    def _compute(self, spec: InputDef) -> Fact:
+        kind = spec.kind
+        if kind == "age":
+            return self._age()
+        if kind == "drug":
+            return self._drug(spec)
+        if kind in ("condition", "order_reason"):
+            return self._condition(spec, reasons_only=kind == "order_reason")
+        if kind == "lab":
+            return self._lab(spec)
+        if kind == "lab_code":
+            return self._lab_code(spec)
+        if kind == "specialty":
+            return self._specialty(spec)
+        if kind == "medication_history":
+            return self._history(spec)
+        return Fact(note="asked in the questionnaire only")  # kind "answer": no structured source
+
+    def _matches(self, name: str, concepts: Iterable[Mapping[str, Any]]) -> list[CodeRow]:
+        hits: list[CodeRow] = []
+        for c in concepts:
+            hits.extend(r for r in self.mappings.lookup(c.get("system"), c.get("code")) if r.input == name)
+        return hits
+
+    def _age(self) -> Fact:
+        patient = self.data.patient
+        if patient is None:
+            return Fact(note="no Patient resource was available")
+        birth = patient.get("birthDate")
+        evidence = (ref(patient),)
+        if not isinstance(birth, str) or not birth:
+            return Fact(evidence=evidence, searched=True, note="Patient has no birthDate")
+        try:
+            age = age_range(birth, self.data.today)
+        except ValueError:
+            return Fact(evidence=evidence, searched=True, note="Patient birthDate is not a date")
+        if age.lo == age.hi:
+            return Fact(age, evidence, searched=True)
+        return Fact(age, evidence, partial=birth, searched=True, note=f"birth date is partial ({birth})")
+
+    def _drug(self, spec: InputDef) -> Fact:
+        found = self._matches(spec.name, medication_codings(self.data.order, self.data.medications))
+        if found:
+            return Fact(True, (ref(self.data.order),), searched=True)
+        return Fact(False, searched=True)
+
+    def _order_reasons(self) -> list[tuple[str, Mapping[str, Any]]]:
+        order = self.data.order
+        out: list[tuple[str, Mapping[str, Any]]] = [
+            (f"{ref(order)}#reasonCode", concept)
+            for concept in order.get("reasonCode") or ()
+            if isinstance(concept, Mapping)
+        ]
+        by_id = {c.get("id"): c for c in self.data.conditions}
+        for reason in order.get("reasonReference") or ():
+            target = (reason or {}).get("reference") or ""
+            if target.startswith("#"):
+                cond = next((c for c in order.get("contained") or () if c.get("id") == target[1:]), None)
+            elif target.startswith("Condition/"):
+                cond = by_id.get(target.split("/", 1)[1])
+            else:
+                cond = None
+            if cond is not None:
+                out.append((target if target.startswith("#") else ref(cond), cond.get("code") or {}))
+        return out
+
+    def _condition(self, spec: InputDef, reasons_only: bool) -> Fact:
+        proof: list[str] = []
+        partial: list[str] = []
+        refuted: list[str] = []
+        if not reasons_only:
+            for cond in self.data.conditions:
+                rows = self._matches(spec.name, codings(cond.get("code")))
+                if not rows:
+                    continue
+                clinical = {c.get("code") for c in codings(cond.get("clinicalStatus"))}
+                verification = {c.get("code") for c in codings(cond.get("verificationStatus"))}
+                if "refuted" in verification:
+                    refuted.append(ref(cond))
+                    continue
+                if verification & EXCLUDED_VERIFICATION or (clinical and not clinical & ACTIVE_CLINICAL):
+                    continue
+                (proof if any(r.strength == "proof" for r in rows) else partial).append(ref(cond))
+        for where, concept in self._order_reasons():
+            rows = self._matches(spec.name, codings(concept))
+            if rows:
+                (proof if any(r.strength == "proof" for r in rows) else partial).append(where)
+        searched = reasons_only or "conditions" in self.data.available
+        if proof:
+            return Fact(True, tuple(dict.fromkeys(proof)), searched=True)
+        if partial:
+            return Fact(
+                None,
+                tuple(dict.fromkeys(partial)),
+                partial=True,
+                searched=searched,
+                note="a related but non-specific diagnosis code is on record",
+            )
+        if refuted:
+            return Fact(False, tuple(refuted), searched=True, note="the diagnosis is recorded as refuted")
+        return Fact(None, searched=searched, note="" if searched else "the patient's conditions were not available")
+
+    def _latest(self, spec: InputDef) -> tuple[date, Mapping[str, Any], CodeRow] | None:
+        best: tuple[date, Mapping[str, Any], CodeRow] | None = None
+        for obs in self.data.observations:
+            if obs.get("status") not in FINAL_OBSERVATION:
+                continue
+            rows = self._matches(spec.name, codings(obs.get("code")))
+            when = effective_date(obs)
+            if rows and when is not None and (best is None or when > best[0]):
+                best = (when, obs, rows[0])
+        return best
+
+    def _result(self, spec: InputDef) -> tuple[Fact, Mapping[str, Any] | None]:
+        """The latest result as a Fact with its evidence and date but no value yet (and the Observation), or a
+        final Fact saying why there is none."""
+        searched = "observations" in self.data.available
+        latest = self._latest(spec)
+        if latest is None:
+            note = f"no {spec.display} result on record" if searched else "laboratory results were not available"
+            return Fact(None, searched=searched, note=note), None
+        when, obs, row = latest
+        return Fact(
+            None, (ref(obs),), searched=True, observed=when, window_days=row.recency_days or spec.recency_days
+        ), obs
+
+    def _lab(self, spec: InputDef) -> Fact:
+        base, obs = self._result(spec)
+        if obs is None:
+            return base
+        vq = obs.get("valueQuantity")
+        value = vq.get("value") if isinstance(vq, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return replace(base, note=f"{spec.display} result has no numeric value")
+        assert isinstance(vq, Mapping)
+        unit = units.quantity_unit(vq)
+        if unit is None:
+            return replace(base, note=f"{spec.display} result has no unit")
+        try:
+            converted = units.convert(float(value), unit, spec.unit or "")
+        except units.UnitError as exc:
+            return replace(base, note=f"{spec.display}: {exc}")
+        measured = Range.measured(converted, vq.get("comparator"))
+        when = base.observed.isoformat() if base.observed else "?"
+        return replace(base, value=measured, note=f"{spec.display} {measured.describe(spec.unit)} on {when}")
+
+    def _lab_code(self, spec: InputDef) -> Fact:
+        base, obs = self._result(spec)
+        if obs is None:
+            return base
+        result = _qualitative(obs)
+        if result is None:
+            return replace(base, note=f"{spec.display} result is not a recognised positive/negative")
+        when = base.observed.isoformat() if base.observed else "?"
+        return replace(base, value=result, note=f"{spec.display} {result} on {when}")
+
+    def _prescriber_resources(self) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+        requester = (self.data.order.get("requester") or {}).get("reference") or self.data.user or ""
+        rtype, _, rid = requester.rpartition("/")
+        rtype = rtype.rsplit("/", 1)[-1]
+        roles = [
+            r
+            for r in self.data.practitioner_roles
+            if (rtype == "PractitionerRole" and r.get("id") == rid)
+            or (
+                rtype == "Practitioner"
+                and str((r.get("practitioner") or {}).get("reference", "")).endswith(f"Practitioner/{rid}")
+            )
+        ]
+        pract_ids = (
+            {rid}
+            if rtype == "Practitioner"
+            else {str((r.get("practitioner") or {}).get("reference", "")).rsplit("/", 1)[-1] for r in roles}
+        )
+        practs = [p for p in self.data.practitioners if p.get("id") in pract_ids]
+        return roles, practs
+
+    def _specialty(self, spec: InputDef) -> Fact:
+        roles, practs = self._prescriber_resources()
+        for role in roles:
+            for concept in role.get("specialty") or ():
+                if self._matches(spec.name, codings(concept)):
+                    return Fact(True, (ref(role),), searched=True)
+        for pract in practs:
+            for qual in pract.get("qualification") or ():
+                if self._matches(spec.name, codings((qual or {}).get("code"))):
+                    return Fact(True, (ref(pract),), searched=True)
+        seen = tuple(ref(r) for r in roles) + tuple(ref(p) for p in practs)
+        recorded = any(role.get("specialty") for role in roles) or any(p.get("qualification") for p in practs)
+        if recorded:
+            return Fact(False, seen, searched=True, note="the prescriber's recorded specialty is not a match")
+        return Fact(None, seen, searched=bool(seen), note="the prescriber's specialty is not on record")
+
+    def _history(self, spec: InputDef) -> Fact:
+        assert spec.drug is not None  # checked at load
+        order = self.data.order
+        evidence: list[str] = []
+        for res in self.data.medication_history:
+            if res.get("id") == order.get("id") and res.get("resourceType") == order.get("resourceType"):
+                continue
+            status = res.get("status")
+            if status in HISTORY_EXCLUDED or (spec.mode == "current" and status not in HISTORY_CURRENT):
+                continue
+            if self._matches(spec.drug, medication_codings(res, self.data.medications)):
+                evidence.append(ref(res))
+        if spec.mode == "ever" and order.get("priorPrescription") and self.get(spec.drug).value:
+            evidence.append(f"{ref(order)}#priorPrescription")
+        if evidence:
+            return Fact(True, tuple(dict.fromkeys(evidence)), searched=True)
+        searched = "medication_history" in self.data.available
+        return Fact(
+            False if searched else None,
+            searched=searched,
+            note="" if searched else "the patient's medication history was not available",
+        )
+
+
+def _qualitative(obs: Mapping[str, Any]) -> str | None:
+    for c in codings(obs.get("valueCodeableConcept")):
+        hit = _RESULT_CODES.get(str(c.get("code")))
+        if hit:
+            return hit
+    text = obs.get("valueString")
+    if isinstance(text, str) and text.strip().lower() in _RESULT_TEXT:
+        return _RESULT_TEXT[text.strip().lower()]
+    for concept in obs.get("interpretation") or ():
+        for c in codings(concept):
+            hit = _RESULT_CODES.get(str(c.get("code")))
+            if hit:
+                return hit
+    return None

@@ -1,0 +1,142 @@
+"""The questions a determination leaves open: one per undecided criterion, linkId = the criterion id.
+
+Pure: derived from the determination and the input definitions, so the same open criteria always give the same
+questions (a Questionnaire built from them carries no patient data). What the data suggests for an answer
+(``prefill``) travels separately, to the prepopulated QuestionnaireResponse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fhir_mappings.loader import Mappings
+from policies.dose import DOSE_KINDS
+from policies.engine import Decision, Determination, Finding
+from policies.model import COMPARISONS, Node, State
+
+
+@dataclass(frozen=True)
+class Question:
+    link_id: str
+    type: str  # boolean | quantity | date | choice | attachment
+    text: str
+    criterion: str = ""  # the policy's own words for the criterion this answers
+    unit: str | None = None  # quantity questions: the UCUM unit asked for
+    options: tuple[tuple[str, str], ...] = ()  # choice questions: (code, display)
+    enable_when: tuple[str, str] | None = None  # (linkId, answer code): asked only for that indication
+    hint: str = ""  # e.g. the recency window
+    prefill: Any = None  # what the record suggests (patient data: never put in a Questionnaire)
+
+
+def open_questions(det: Determination, mappings: Mappings) -> tuple[Question, ...]:
+    """Questions for every criterion the determination could not decide, in document order."""
+    out: list[Question] = []
+    product = det.product
+    candidates = [r for r in det.indications if r.state is State.UNKNOWN]
+    if det.decision is Decision.NOT_COVERED:
+        return ()
+    if det.selection is not None:
+        options = tuple((r.indication.id, r.indication.title) for r in candidates)
+        options += ((product.other_use.id, f"Other use ({product.other_use.text})"),)
+        out.append(
+            Question(
+                product.selection_id,
+                "choice",
+                det.selection.node.text,
+                criterion="Medical necessity criteria: the indication this request is for",
+                options=options,
+                prefill=det.selection.partial,
+            )
+        )
+    if det.chosen is None:
+        for result in candidates:
+            when = (product.selection_id, result.indication.id) if det.selection is not None else None
+            findings = result.findings[1:] if det.selection is not None else result.findings
+            for finding in findings:
+                out.extend(_ask(finding, mappings, when))
+    for dose in det.doses:
+        if dose.state is State.UNKNOWN and dose.ask:
+            out.append(
+                _dose_question(
+                    dose.rule.id,
+                    dose.ask,
+                    dose.rule.text or DOSE_KINDS[dose.rule.kind].ask_text(dose.rule),
+                    DOSE_KINDS[dose.rule.kind].ask_text(dose.rule),
+                )
+            )
+    if product.documentation is not None and det.decision in (Decision.DOCUMENTATION, Decision.NEEDS_INFO):
+        out.append(
+            Question(
+                product.documentation.id,
+                "attachment",
+                "Attach the clinical documentation (progress notes, laboratory results, diagnostics)",
+                criterion=product.documentation.text,
+            )
+        )
+    seen: set[str] = set()
+    unique = []
+    for q in out:
+        if q.link_id not in seen:
+            seen.add(q.link_id)
+            unique.append(q)
+    return tuple(unique)
+
+
+def _dose_question(link_id: str, ask: str, criterion: str, attest_text: str) -> Question:
+    if ask == "weight":
+        return Question(link_id, "quantity", "Patient's current body weight", criterion=criterion, unit="kg")
+    return Question(link_id, "boolean", attest_text, criterion=criterion)
+
+
+def _has_id_below(node: Node) -> bool:
+    return any(n.id for n in node.walk()[1:])
+
+
+def _ask(finding: Finding, mappings: Mappings, when: tuple[str, str] | None) -> list[Question]:
+    if finding.state is not State.UNKNOWN:
+        return []
+    node = finding.node
+    if not node.is_leaf:
+        unknown = [c for c in finding.children if c.state is State.UNKNOWN]
+        if node.id and (not unknown or not all(c.node.id for c in unknown)):
+            return [Question(node.id, "boolean", node.text, criterion=node.text, enable_when=when)]
+        return [q for c in unknown for q in _ask(c, mappings, when)]
+    assert node.id is not None  # leaves are reached only through criteria with ids
+    if node.op == "attested":
+        return [Question(node.id, "boolean", node.text, criterion=node.text, enable_when=when)]
+    spec = mappings.inputs[node.input or ""]
+    hint = f"A result from the past {node.within_days} days." if node.within_days else ""
+    prefill = finding.partial if finding.partial not in (None, False) else None
+    if node.op in ("present", "absent"):
+        return [
+            Question(
+                node.id,
+                "boolean",
+                spec.question,
+                criterion=node.text,
+                enable_when=when,
+                prefill=True if prefill else None,
+            )
+        ]
+    if node.op == "is":
+        return [
+            Question(
+                node.id, "choice", spec.question, criterion=node.text, options=spec.options, enable_when=when, hint=hint
+            )
+        ]
+    assert node.op in COMPARISONS
+    if spec.type == "age":
+        return [
+            Question(
+                node.id,
+                "date",
+                spec.question,
+                criterion=node.text,
+                enable_when=when,
+                prefill=prefill if isinstance(prefill, str) else None,
+            )
+        ]
+    return [
+        Question(node.id, "quantity", spec.question, criterion=node.text, unit=spec.unit, enable_when=when, hint=hint)
+    ]
