@@ -58,7 +58,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("host", "127.0.0.1", "Address `cds serve` binds."),
     Setting("port", 8080, "Port `cds serve` binds."),
-    Setting("workers", 3, "gunicorn worker processes for `cds serve`."),
+    Setting("workers", 2, "gunicorn worker processes for `cds serve` (one per core is a good start)."),
     Setting("threads", 4, "Threads per gunicorn worker (gthread worker class, keep-alive)."),
     Setting("data_dir", "./data", "Directory for the embedded SQLite database and the demo signing key."),
     Setting("database_url", "", "SQLAlchemy URL of the store; empty means SQLite at `{data_dir}/cds.sqlite3`."),
@@ -68,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
         "demo_client", True, "Trust a locally generated demo key (`cds token` mints tokens). Turn off in production."
     ),
     Setting("clients", [], "Trusted CDS clients: list of tables with `iss` and `jwks_url` or inline `jwks`."),
-    Setting("jwt_max_age", 3600, "Seconds a token's `iat` may lie in the past; also how long a `jti` is remembered."),
+    Setting("jwt_max_age", 3600, "Seconds a token's `iat` may lie in the past (a `jti` is remembered until `exp`)."),
     Setting("jwt_leeway", 60, "Clock skew tolerated on `exp` and `iat`, in seconds."),
     Setting("jwks_cache_seconds", 300, "How long a JWK Set fetched from `jwks_url` is cached."),
     Setting("fhir_connect_timeout", 0.5, "Seconds to connect to the EHR FHIR server when prefetch is missing."),
@@ -83,7 +83,6 @@ SETTINGS: tuple[Setting, ...] = (
         "Payer registry: `id`, `name`, `identifier_system`, `identifier_value`, `policies`.",
     ),
     Setting("policy_dir", "", "Directory of policy folders; empty means the policies shipped in `policies/`."),
-    Setting("max_cards", 10, "Default for the `max-cards` configuration option."),
     Setting("bench_echo", False, "Expose `POST /_echo`, a trivial JSON echo route the benchmark compares against."),
     Setting("log_level", "INFO", "Python logging level. Logs never carry patient data or tokens."),
 )

@@ -23,13 +23,10 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return self.application
 
 
-def _post_fork(_server: Any, worker: Any) -> None:
-    # every worker opens its own database connections (the Store also checks the pid)
-    worker.app.application.extensions["cds"].store.dispose()
-
-
 def serve(app: Flask, host: str, port: int, workers: int, threads: int) -> None:
-    """Run ``app`` under gunicorn until interrupted. The app is built once and forked (policies load once)."""
+    """Run ``app`` under gunicorn until interrupted. The app is built once and forked (policies load once); the
+    master closes its database connections first, and each worker opens its own (the Store checks the pid)."""
+    app.extensions["cds"].store.dispose()
     _Gunicorn(
         app,
         {
@@ -43,6 +40,5 @@ def serve(app: Flask, host: str, port: int, workers: int, threads: int) -> None:
             "accesslog": None,
             "errorlog": "-",
             "loglevel": "warning",
-            "post_fork": _post_fork,
         },
     ).run()
