@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -174,6 +175,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8, help="closed-loop connections (default 8)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
     parser.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
+    parser.add_argument(
+        "--only", nargs="*", help="load only these policy folders (to show the cost is flat in their number)"
+    )
     args = parser.parse_args()
 
     key = ec.generate_private_key(ec.SECP384R1())
@@ -183,9 +187,18 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
+        only = ""
+        if args.only:  # a policy directory with just these folders, and the Cigna payer naming them
+            for name in args.only:
+                shutil.copytree(ROOT / "policies" / name, Path(tmp) / "policies" / name)
+            only = (
+                f'policy_dir = "{tmp}/policies"\n[[payers]]\nid = "cigna"\nname = "Cigna Healthcare"\n'
+                f'identifier_system = "urn:cds:payer-id"\nidentifier_value = "cigna"\n'
+                f"policies = {json.dumps([n for n in args.only if n.startswith('cigna')])}\n"
+            )
         config.write_text(
             f'data_dir = "{tmp}/data"\nworkers = {args.workers}\nthreads = {args.threads}\n'
-            f'bench_echo = true\nlog_level = "WARNING"\ndemo_client = false\n'
+            f'bench_echo = true\nlog_level = "WARNING"\ndemo_client = false\n{only}'
             f"[[clients]]\niss = \"{ISS}\"\njwks = '{json.dumps({'keys': [jwk]})}'\n"
         )
         env = {**os.environ, "CDS_CONFIG": str(config), "CDS_PORT": str(port)}

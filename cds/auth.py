@@ -8,6 +8,7 @@ Any failure is a bare 401: the reason is kept on the exception for tests and nev
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -94,9 +95,11 @@ class Verifier:
         token = authorization[7:].strip()
         try:
             header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
+            unverified = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        except (jwt.PyJWTError, ValueError, IndexError):
             raise Unauthorized("not a JWT") from None
+        if not isinstance(unverified, dict):
+            raise Unauthorized("not a JWT")
         alg = header.get("alg")
         if alg not in ALGORITHMS:
             raise Unauthorized(f"algorithm {alg!r} not accepted")

@@ -118,6 +118,18 @@ class _Builder:
         decision = det.decision
         if decision is Decision.NOT_COVERED:
             self.not_covered(a)
+        elif decision is Decision.REVIEW:
+            review = det.product.off_label_review
+            self.card(
+                constants.OPTION_COVERAGE_INFO,
+                1,
+                a,
+                f"{a.drug}: not a use {policy.number} lists; the plan's off-label review decides",
+                f"The use of **{a.drug}** is not one of the indications of {policy.number}. "
+                f"{review.text if review else ''} Submit the prior authorization request with clinical "
+                f"documentation.\n\n{explanation(a)}",
+                "warning",
+            )
         elif decision is Decision.DOSE_REVIEW:
             self.dose(a)
         elif decision is Decision.APPROVED:
@@ -144,6 +156,8 @@ class _Builder:
                 )
         else:
             self.missing(a)
+            if any(d.proposal for d in det.doses if d.state.value == "not-met"):
+                self.dose(a)  # say now what will also need changing
         self.reference(a)
 
     def missing(self, a: Assessed) -> None:
@@ -242,30 +256,30 @@ class _Builder:
         det = a.determination
         assert det is not None
         over = [d for d in det.doses if d.state.value == "not-met"]
-        text = "; ".join(f"**{d.id}** {d.rule.text}: requested {d.note}" for d in over)
+        text = "; ".join(f"**{d.id}** {d.rule.text}: {d.note}" for d in over)
         detail = (
-            f"The dose of **{a.drug}** exceeds {det.policy.number}: {text}. Doses over the limit are reviewed "
-            f"case by case by a clinician.\n\n{explanation(a)}"
+            f"The order for **{a.drug}** is outside {det.policy.number}: {text}. Requests outside the limit are "
+            f"reviewed case by case by a clinician.\n\n{explanation(a)}"
         )
-        proposal = next((d.proposal for d in over if d.proposal), None)
-        if proposal is not None and self._option(constants.OPTION_ALTERNATIVES):
+        with_proposal = next((d for d in over if d.proposal), None)
+        if with_proposal is not None and self._option(constants.OPTION_ALTERNATIVES):
             self.card(
                 constants.OPTION_ALTERNATIVES,
                 1,
                 a,
-                f"{a.drug}: dose exceeds {det.policy.number} limit; reduce to the limit or request review",
+                f"{a.drug}: outside the {det.policy.number} limit; change the order or request review",
                 detail,
                 "warning",
                 selectionBehavior="at-most-one",
                 suggestions=[
                     {
-                        "label": "Reduce the dose to the policy limit",
+                        "label": with_proposal.proposal_label,
                         "uuid": self.rt.new_id(),
                         "actions": [
                             {
                                 "type": "update",
-                                "description": "Reduce the dose to the policy limit",
-                                "resource": proposal,
+                                "description": with_proposal.proposal_label,
+                                "resource": with_proposal.proposal,
                             }
                         ],
                     }
@@ -276,7 +290,7 @@ class _Builder:
                 constants.OPTION_COVERAGE_INFO,
                 1,
                 a,
-                f"{a.drug}: dose exceeds the {det.policy.number} limit",
+                f"{a.drug}: outside the {det.policy.number} limit",
                 detail,
                 "warning",
             )

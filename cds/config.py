@@ -31,21 +31,21 @@ DEFAULT_PAYERS: tuple[dict[str, Any], ...] = (
         "name": "Cigna Healthcare",
         "identifier_system": "urn:cds:payer-id",
         "identifier_value": "cigna",
-        "policies": ["cigna-ip0356", "cigna-ip0355"],
+        "policies": ["cigna-ip0356", "cigna-ip0355", "cigna-1701"],
     },
     {
         "id": "bcbsks",
         "name": "Blue Cross and Blue Shield of Kansas",
         "identifier_system": "urn:cds:payer-id",
         "identifier_value": "bcbsks",
-        "policies": [],
+        "policies": ["bcbsks-hemgenix"],
     },
     {
         "id": "ny-pharmacy-109",
         "name": "New York health plan (PHARMACY-109)",
         "identifier_system": "urn:cds:payer-id",
         "identifier_value": "ny-pharmacy-109",
-        "policies": [],
+        "policies": ["ph109-gene-therapy"],
     },
 )
 

@@ -21,18 +21,48 @@ from cds.errors import DataUnavailable
 from cds.fhirclient import FhirClient
 from cds.hookrequest import HookRequest, validate_resource
 from cds.payers import CoverageChoice, choose_coverage
-from cds.prefetch import DataSource, Fetched
+from cds.prefetch import SOURCES, DataSource, Fetched
 from cds.runtime import Runtime
 from cds.store import AssertionRecord, PriorAuth
 from fhir_mappings import systems
 from fhir_mappings.extract import ClinicalData, FactFinder, medication_codings
+from fhir_mappings.loader import Mappings
 from policies import explain
 from policies.engine import Decision, Determination, evaluate
 from policies.model import Product
+from policies.needs import inputs_of
 from policies.questions import Question, open_questions
 
-# the sources read for a decision under a policy (cds.prefetch.SOURCES names them)
-DECISION_SOURCES = ("patient", "practitioners", "conditions", "observations", "medication_history")
+# where each kind of input is read from (cds.prefetch.SOURCES names the prefetch keys of each source)
+KIND_SOURCES = {
+    "age": "patient",
+    "condition": "conditions",
+    "order_reason": "conditions",
+    "lab": "observations",
+    "lab_code": "observations",
+    "specialty": "practitioners",
+    "medication_history": "medication_history",
+    "procedure": "procedures",
+    "setting": "encounter",
+}
+SOURCE_ORDER = (
+    "patient",
+    "encounter",
+    "practitioners",
+    "conditions",
+    "observations",
+    "medication_history",
+    "procedures",
+)
+DECISION_SOURCES = (
+    "patient",
+    "practitioners",
+    "conditions",
+    "observations",
+    "medication_history",
+    "procedures",
+    "encounter",
+)
 
 
 @dataclass(frozen=True)
@@ -150,24 +180,38 @@ class _Context:
                 float(rt.config["fhir_read_timeout"]),
             )
         self.source = DataSource(request, rt.templates, client, float(rt.config["fhir_total_timeout"]))
-        self._data: dict[str, Fetched] | None = None
+        self._data: dict[str, Fetched] = {}
+
+    def locations(self, encounter: Mapping[str, Any] | None) -> tuple[Mapping[str, Any], ...]:
+        """The encounter's locations (prefetched or read); one that cannot be read is left out."""
+        out: list[Mapping[str, Any]] = []
+        for entry in (encounter or {}).get("location") or ():
+            target = ((entry or {}).get("location") or {}).get("reference")
+            if isinstance(target, str) and "Location/" in target:
+                got = self.source.read("Location/" + target.rsplit("/", 1)[-1])
+                out.extend(r for r in got.resources if r.get("resourceType") == "Location")
+        return tuple(out)
 
     def option(self, code: str, default: Any) -> Any:
         return self.request.configuration.get(code, default)
 
-    def data(self) -> dict[str, Fetched]:
-        """The sources a policy decision reads, fetched once for all orders of the call."""
-        if self._data is None:
-            self._data = {name: self.source.source(name) for name in DECISION_SOURCES}
-            missing = [name for name, got in self._data.items() if got.status == "unavailable"]
-            if missing:
-                raise DataUnavailable(
-                    f"Data for {', '.join(missing)} was neither prefetched nor can it be queried "
-                    "(send the prefetch keys from discovery, or fhirServer and fhirAuthorization)"
-                )
-            for patient in _of(self._data["patient"], "Patient")[:1]:
-                validate_resource(patient, "prefetch.patient")
-        return self._data
+    def data(self, names: frozenset[str]) -> dict[str, Fetched]:
+        """The named sources (cds.prefetch.SOURCES), each fetched once for all orders of the call. A source that
+        was neither prefetched nor can be queried is a 412; one whose query failed is left out (the answer degrades)."""
+        wanted = [n for n in SOURCE_ORDER if n in names and n not in self._data]
+        self.source.fetch(k for n in wanted for k in SOURCES[n])  # the missing keys are queried in parallel
+        for name in wanted:
+            self._data[name] = self.source.source(name)
+            if name == "patient":
+                for patient in _of(self._data[name], "Patient")[:1]:
+                    validate_resource(patient, "prefetch.patient")
+        missing = [n for n in wanted if self._data[n].status == "unavailable"]
+        if missing:
+            raise DataUnavailable(
+                f"Data for {', '.join(missing)} was neither prefetched nor can it be queried "
+                "(send the prefetch keys from discovery, or fhirServer and fhirAuthorization)"
+            )
+        return {n: self._data[n] for n in names if n in self._data}
 
 
 @dataclass(frozen=True)
@@ -212,7 +256,7 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
     rt = ctx.rt
     stamp = _Stamp(choice.reference, ctx.today, rt.new_id())
     medications, med_note = _medications(ctx, order)
-    found = medication_codings(order, medications)
+    found = medication_codings(order, medications, rt.mappings.product_names)
     drug_inputs = frozenset(
         row.input
         for c in found
@@ -228,25 +272,42 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
     if match is None:
         return _finish(ctx, job.result(stamp.info(covered="covered", pa_needed="no-auth")))
     policy, product = match
-    data = ctx.data()
+    data = ctx.data(sources_of(rt.mappings, product))
+
+    def of_source(name: str, *types: str) -> tuple[Mapping[str, Any], ...]:
+        return _of(data[name], *types) if name in data else ()
+
+    encounter = next(iter(of_source("encounter", "Encounter")), None)
     clinical = ClinicalData(
         today=ctx.today,
         order=order,
-        patient=next(iter(_of(data["patient"], "Patient")), None),
-        conditions=_of(data["conditions"], "Condition"),
-        observations=_of(data["observations"], "Observation"),
-        practitioner_roles=_of(data["practitioners"], "PractitionerRole"),
-        practitioners=_of(data["practitioners"], "Practitioner"),
+        patient=next(iter(of_source("patient", "Patient")), None),
+        conditions=of_source("conditions", "Condition"),
+        observations=of_source("observations", "Observation"),
+        practitioner_roles=of_source("practitioners", "PractitionerRole"),
+        practitioners=of_source("practitioners", "Practitioner"),
         medications=tuple(medications),
-        medication_history=_of(
-            data["medication_history"], "MedicationStatement", "MedicationRequest", "MedicationAdministration"
+        medication_history=of_source(
+            "medication_history", "MedicationStatement", "MedicationRequest", "MedicationAdministration"
         ),
+        procedures=of_source("procedures", "Procedure"),
+        encounter=encounter,
+        locations=ctx.locations(encounter),
         user=ctx.request.context.get("userId"),
         available=frozenset(n for n, f in data.items() if f.ok),
     )
     det = evaluate(policy, product, rt.mappings, FactFinder(rt.mappings, clinical), order, ctx.today)
     failed = {n: f.note for n, f in data.items() if f.status == "failed"}
     return _finish(ctx, _from_determination(replace(job, drug=product.title), det, failed))
+
+
+def sources_of(mappings: Mappings, product: Product) -> frozenset[str]:
+    """The sources a product's inputs read (inputs of kind drug or answer read none)."""
+    return frozenset(
+        KIND_SOURCES[mappings.inputs[name].kind]
+        for name in inputs_of(product)
+        if mappings.inputs[name].kind in KIND_SOURCES
+    )
 
 
 def _of(fetched: Fetched, *types: str) -> tuple[Mapping[str, Any], ...]:
@@ -282,6 +343,35 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
     if decision is Decision.APPROVED:
         return _approved(job, det, billing)
     questions = open_questions(det, rt.mappings)
+    if decision is Decision.REVIEW and product.off_label_review is not None:
+        # the use is not one the policy lists; it names the review that decides it: conditional on that review
+        review = product.off_label_review
+        why = f"{policy.ref}: the use is not one {policy.number} lists; {review.id} {review.text}"
+        if not ctx.primary:
+            return job.result(
+                stamp.info(
+                    covered="conditional",
+                    pa_needed="auth-needed",
+                    info_needed=("OTH",),
+                    billing_codes=billing,
+                    reasons=(Reason(why),),
+                ),
+                det,
+                questions=questions,
+            )
+        questionnaire = questionnaires.build(policy, product, questions, rt.base_url)
+        rt.store.save_questionnaire(questionnaire["id"], policy.ref, questionnaire)
+        info = stamp.info(
+            covered="conditional",
+            pa_needed="auth-needed",
+            doc_needed="clinical",
+            doc_purpose="withpa",
+            info_needed=("OTH",),
+            billing_codes=billing,
+            reasons=(Reason(why),),
+            questionnaires=(questionnaires.canonical(questionnaire),),
+        )
+        return job.result(info, det, questions=questions, questionnaire=questionnaire)
     if not ctx.primary:
         # secondary hooks never ask for clinical documentation (CRD §hook-19): say what signing will need
         wanted = coverage_info.first_text([f"{q.link_id} {q.text}" for q in questions])

@@ -81,17 +81,20 @@ def draft_response(assertion_id: str) -> Response:
 def criteria() -> Response:
     rt = _rt()
     concepts = []
+    seen: set[str] = set()
     for policy in rt.policies.policies.values():
         for product in policy.products:
-            seen = set()
             for node in product.all_nodes():
                 if node.id and node.id not in seen:
                     seen.add(node.id)
                     concepts.append({"code": node.id, "display": node.text[:250]})
             for ind in product.indications:
                 if ind.id not in seen:
+                    seen.add(ind.id)
                     concepts.append({"code": ind.id, "display": ind.title})
-            concepts.append({"code": product.other_use.id, "display": product.other_use.text})
+            if product.other_use.id not in seen:
+                seen.add(product.other_use.id)
+                concepts.append({"code": product.other_use.id, "display": product.other_use.text})
     return fhir_response(
         {
             "resourceType": "CodeSystem",

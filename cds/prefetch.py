@@ -30,6 +30,8 @@ SOURCES: Mapping[str, tuple[str, ...]] = {
     "conditions": ("conditions",),
     "observations": ("observations",),
     "medication_history": ("medicationStatements", "medicationRequests", "medicationAdministrations"),
+    "procedures": ("procedures",),
+    "encounter": ("encounter",),
 }
 
 
@@ -39,6 +41,7 @@ def order_prefetch(mappings: Mappings) -> dict[str, str]:
     codes = ",".join(f"{systems.LOINC}|{c}" for c in loinc)
     return {
         "patient": "Patient/{{context.patientId}}",
+        "encounter": "Encounter/{{context.encounterId}}",
         "coverage": "Coverage?patient={{context.patientId}}&status=active",
         "user": "{{context.userId}}",
         "practitionerRoles": "PractitionerRole?practitioner={{context.userId}}",
@@ -47,6 +50,7 @@ def order_prefetch(mappings: Mappings) -> dict[str, str]:
         "medicationStatements": "MedicationStatement?patient={{context.patientId}}",
         "medicationRequests": "MedicationRequest?patient={{context.patientId}}",
         "medicationAdministrations": "MedicationAdministration?patient={{context.patientId}}",
+        "procedures": "Procedure?patient={{context.patientId}}",
     }
 
 

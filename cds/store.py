@@ -21,6 +21,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -89,6 +90,7 @@ prior_auths = Table(
     Column("valid_to", Date),  # None: valid for its doses, not a period
     Column("doses", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_prior_auth_member", "payer_id", "patient_key", "product"),
 )
 
 questionnaires = Table(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any
 
-from fhir_mappings import units
+from fhir_mappings import systems, units
 from fhir_mappings.loader import CodeRow, InputDef, Mappings
 
 ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
@@ -25,6 +25,7 @@ EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 FINAL_OBSERVATION = frozenset({"final", "amended", "corrected"})
 HISTORY_EXCLUDED = frozenset({"entered-in-error", "not-taken", "not-done", "cancelled", "draft"})
 HISTORY_CURRENT = frozenset({"active", "in-progress", "on-hold", "intended"})
+PROCEDURE_DONE = frozenset({"completed", "in-progress", "preparation"})
 
 # qualitative results, as SNOMED CT findings, v3 interpretation codes or plain text -> our two answer codes
 _RESULT_CODES: Mapping[str, str] = {
@@ -116,6 +117,9 @@ class ClinicalData:
     practitioners: tuple[Mapping[str, Any], ...] = ()
     medications: tuple[Mapping[str, Any], ...] = ()
     medication_history: tuple[Mapping[str, Any], ...] = ()
+    procedures: tuple[Mapping[str, Any], ...] = ()
+    encounter: Mapping[str, Any] | None = None
+    locations: tuple[Mapping[str, Any], ...] = ()  # the encounter's locations
     user: str | None = None  # the hook's userId, the prescriber when the order names no requester
     # the sources obtained (prefetched or queried); one missing here was not available
     available: frozenset[str] = field(default_factory=frozenset)
@@ -133,10 +137,12 @@ def codings(concept: Any) -> Iterable[Mapping[str, Any]]:
 
 
 def medication_codings(
-    resource: Mapping[str, Any], medications: Iterable[Mapping[str, Any]] = ()
+    resource: Mapping[str, Any], medications: Iterable[Mapping[str, Any]] = (), names: frozenset[str] = frozenset()
 ) -> list[Mapping[str, Any]]:
-    """Codings of the drug a Medication* resource names: its CodeableConcept, or the contained / given Medication."""
-    out = list(codings(resource.get("medicationCodeableConcept")))
+    """Codings of the drug a Medication* resource names: its CodeableConcept, or the contained / given Medication.
+    Words of the drug's name (text and displays) that are in ``names`` come too, under :data:`systems.PRODUCT_NAME`,
+    for products that have no code."""
+    concepts = [resource.get("medicationCodeableConcept")]
     mref = (resource.get("medicationReference") or {}).get("reference")
     if isinstance(mref, str):
         if mref.startswith("#"):
@@ -144,8 +150,18 @@ def medication_codings(
         else:
             rid = mref.rsplit("/", 1)[-1]
             candidates = [m for m in medications if m.get("id") == rid]
-        for med in candidates:
-            out.extend(codings(med.get("code")))
+        concepts.extend(med.get("code") for med in candidates)
+    out: list[Mapping[str, Any]] = []
+    texts: list[str] = []
+    for concept in concepts:
+        if not isinstance(concept, Mapping):
+            continue
+        found = list(codings(concept))
+        out.extend(found)
+        texts.extend(str(t) for t in [concept.get("text"), *(c.get("display") for c in found)] if t)
+    for word in dict.fromkeys(w for text in texts for w in systems.name_words(text)):
+        if word in names:
+            out.append({"system": systems.PRODUCT_NAME, "code": word})
     return out
 
 
@@ -210,6 +226,10 @@ class FactFinder:
             return self._specialty(spec)
         if kind == "medication_history":
             return self._history(spec)
+        if kind == "procedure":
+            return self._procedure(spec)
+        if kind == "setting":
+            return self._setting(spec)
         return Fact(note="asked in the questionnaire only")  # kind "answer": no structured source
 
     def _matches(self, name: str, concepts: Iterable[Mapping[str, Any]]) -> list[CodeRow]:
@@ -235,7 +255,9 @@ class FactFinder:
         return Fact(age, evidence, partial=birth, searched=True, note=f"birth date is partial ({birth})")
 
     def _drug(self, spec: InputDef) -> Fact:
-        found = self._matches(spec.name, medication_codings(self.data.order, self.data.medications))
+        found = self._matches(
+            spec.name, medication_codings(self.data.order, self.data.medications, self.mappings.product_names)
+        )
         if found:
             return Fact(True, (ref(self.data.order),), searched=True)
         return Fact(False, searched=True)
@@ -397,7 +419,7 @@ class FactFinder:
             status = res.get("status")
             if status in HISTORY_EXCLUDED or (spec.mode == "current" and status not in HISTORY_CURRENT):
                 continue
-            if self._matches(spec.drug, medication_codings(res, self.data.medications)):
+            if self._matches(spec.drug, medication_codings(res, self.data.medications, self.mappings.product_names)):
                 evidence.append(ref(res))
         if spec.mode == "ever" and order.get("priorPrescription") and self.get(spec.drug).value:
             evidence.append(f"{ref(order)}#priorPrescription")
@@ -409,6 +431,57 @@ class FactFinder:
             searched=searched,
             note="" if searched else "the patient's medication history was not available",
         )
+
+    def _coded(
+        self, spec: InputDef, where: Iterable[tuple[str, Iterable[Mapping[str, Any]]]]
+    ) -> tuple[list[str], list[str]]:
+        """References whose codings match the input: (proof, partial)."""
+        proof: list[str] = []
+        partial: list[str] = []
+        for reference, concepts in where:
+            rows = self._matches(spec.name, concepts)
+            if rows:
+                (proof if any(r.strength == "proof" for r in rows) else partial).append(reference)
+        return list(dict.fromkeys(proof)), list(dict.fromkeys(partial))
+
+    def _procedure(self, spec: InputDef) -> Fact:
+        done = [p for p in self.data.procedures if p.get("status") in PROCEDURE_DONE]
+        proof, partial = self._coded(spec, ((ref(p), codings(p.get("code"))) for p in done))
+        searched = "procedures" in self.data.available
+        if proof:
+            return Fact(True, tuple(proof), searched=True)
+        if partial:
+            return Fact(None, tuple(partial), partial=True, searched=searched, note="a related procedure is on record")
+        return Fact(None, searched=searched, note="" if searched else "the patient's procedures were not available")
+
+    def _setting(self, spec: InputDef) -> Fact:
+        """Where the drug is given: the order's category, the encounter's class and type, its locations' types.
+        Known codes that match no row mean the setting is another one (false); no codes at all mean unknown."""
+        order, enc = self.data.order, self.data.encounter
+        where: list[tuple[str, list[Mapping[str, Any]]]] = [
+            (f"{ref(order)}#category", [c for concept in order.get("category") or () for c in codings(concept)])
+        ]
+        if enc is not None:
+            klass = enc.get("class")
+            where.append((ref(enc), [klass] if isinstance(klass, Mapping) else []))
+            where.append((ref(enc), [c for concept in enc.get("type") or () for c in codings(concept)]))
+        for loc in self.data.locations:
+            where.append((ref(loc), [c for concept in loc.get("type") or () for c in codings(concept)]))
+        proof, partial = self._coded(spec, where)
+        known = [r for r, concepts in where if concepts]
+        if proof:
+            return Fact(True, tuple(proof), searched=True)
+        if partial:
+            return Fact(
+                None,
+                tuple(partial),
+                partial=True,
+                searched=True,
+                note="the setting on record may qualify but does not show it",
+            )
+        if known:
+            return Fact(False, tuple(dict.fromkeys(known)), searched=True, note="the setting on record is another one")
+        return Fact(None, searched=enc is not None, note="the setting of care is not on record")
 
 
 def _qualitative(obs: Mapping[str, Any]) -> str | None:

@@ -32,10 +32,12 @@ KIND_TYPES: Mapping[str, str] = MappingProxyType(
         "lab": "quantity",  # the latest final Observation value, converted to the input's unit
         "lab_code": "code",  # the latest final qualitative Observation result (positive / negative ...)
         "age": "age",  # whole years from Patient.birthDate
+        "procedure": "boolean",  # a completed or ongoing Procedure carries a mapped code
+        "setting": "boolean",  # where the drug is given: the order's category, the Encounter class, the Location type
         "answer": "",  # no structured source: only a Questionnaire answer settles it (type declared)
     }
 )
-CODED_KINDS = frozenset({"drug", "condition", "order_reason", "specialty", "lab", "lab_code"})
+CODED_KINDS = frozenset({"drug", "condition", "order_reason", "specialty", "lab", "lab_code", "procedure", "setting"})
 STRENGTHS = frozenset({"proof", "partial"})
 _INPUT_KEYS = {"kind", "type", "display", "unit", "question", "options", "drug", "mode", "recency_days"}
 
@@ -72,6 +74,8 @@ class Mappings:
     rows: tuple[CodeRow, ...]
     _index: Mapping[tuple[str, str], tuple[CodeRow, ...]] = field(repr=False)
     _prefixes: Mapping[str, tuple[CodeRow, ...]] = field(repr=False)
+    # the product-name words rows name (products identified by name, for want of a code)
+    product_names: frozenset[str] = frozenset()
 
     def lookup(self, system: str | None, code: str | None) -> tuple[CodeRow, ...]:
         """Rows matching a Coding (system aliases, NDC spellings and ICD-10 families are normalised)."""
@@ -272,4 +276,5 @@ def load_mappings(directory: Path | None = None) -> Mappings:
         tuple(rows),
         MappingProxyType({k: tuple(v) for k, v in index.items()}),
         MappingProxyType({k: tuple(v) for k, v in prefixes.items()}),
+        frozenset(r.code for r in rows if r.system == systems.PRODUCT_NAME),
     )

@@ -16,8 +16,13 @@ POS = "https://www.cms.gov/Medicare/Coding/place-of-service-codes/Place_of_Servi
 ACTCODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 HSLOC = "https://www.cdc.gov/nhsn/cdaportal/terminology/codesystem/hsloc.html"
 NPI = "http://hl7.org/fhir/sid/us-npi"
+# not a code system: a product identified by the name on the order (text or display), for products with no NDC or
+# RxNorm code in any source read (Regiocit); rows name one lower-case word
+PRODUCT_NAME = "urn:cds:product-name"
 
-CANONICAL = frozenset({HCPCS, NDC, RXNORM, LOINC, ICD10CM, SNOMED, NUCC, CPT, ICD10PCS, POS, ACTCODE, HSLOC, NPI})
+CANONICAL = frozenset(
+    {HCPCS, NDC, RXNORM, LOINC, ICD10CM, SNOMED, NUCC, CPT, ICD10PCS, POS, ACTCODE, HSLOC, NPI, PRODUCT_NAME}
+)
 
 ALIASES: dict[str, str] = {
     # HCPCS appears under three URIs across the Da Vinci IGs and the CDS-Library (codes.md §0)
@@ -48,7 +53,14 @@ def normalize_code(system: str, code: str) -> tuple[str, ...]:
         return ndc_keys(code)
     if system in (ICD10CM, ICD10PCS, HCPCS, NUCC, CPT):
         return (code.upper(),)
+    if system == PRODUCT_NAME:
+        return (code.lower(),)
     return (code,)
+
+
+def name_words(text: str) -> tuple[str, ...]:
+    """The words of a product name, as PRODUCT_NAME rows are keyed ("Regiocit 5000 mL bag" -> regiocit, 5000 ...)."""
+    return tuple(w for w in "".join(c.lower() if c.isalnum() else " " for c in text).split() if w)
 
 
 _NDC_SHAPES = ((4, 4, 2), (5, 3, 2), (5, 4, 1))

@@ -4,7 +4,8 @@ A case gives facts by input name (the engine's view of the record, no FHIR neede
 order, and what it wants. Shorthand for facts: ``true``/``false`` for yes/no inputs, ``partial`` for a non-specific
 code, ``unsearched`` for a source that was not available, a number for a quantity in the input's unit (measured
 today) or ``{value, unit, days_ago, comparator}``, a number of years or a partial birth date for ``age_years``.
-Inputs a case does not name were searched and nothing was found.
+Inputs a case does not name were searched and nothing was found. ``defaults`` may give facts, answers and the order
+for every case; ``null`` in a case takes a default back.
 
 Used by the test suite and by ``cds policy check``; a mismatch is reported as ``file: note: what differs``.
 """
@@ -59,6 +60,8 @@ class StaticFacts:
             return Fact(None, searched=spec.kind != "answer")
         raw = self.given[name]
         evidence = (f"case:{name}",)
+        if raw is None:  # null: taken back from the defaults, searched and nothing found
+            return Fact(False if spec.kind == "medication_history" else None, searched=True)
         if raw == "unsearched":
             return Fact(None, searched=False, note="not available")
         if raw == "partial":
@@ -134,6 +137,8 @@ def build_order(raw: Mapping[str, Any] | None) -> dict[str, Any]:
 def build_answers(raw: Mapping[str, Any] | None) -> Answers:
     values: dict[str, Any] = {}
     for key, value in (raw or {}).items():
+        if value is None:
+            continue  # a case can take back an answer its defaults give
         if isinstance(value, dict) and "value" in value and "unit" in value:
             values[str(key)] = Quantity(float(value["value"]), str(value["unit"]))
         else:
@@ -182,7 +187,8 @@ def run_case(policy: Policy, mappings: Mappings, case: Mapping[str, Any], defaul
     product = _product(policy, case.get("product") or defaults.get("product"))
     facts = StaticFacts(mappings, {**(defaults.get("facts") or {}), **(case.get("facts") or {})}, today)
     order = build_order(case.get("order") if "order" in case else defaults.get("order"))
-    det = evaluate(policy, product, mappings, facts, order, today, build_answers(case.get("answers")))
+    answers = {**(defaults.get("answers") or {}), **(case.get("answers") or {})}
+    det = evaluate(policy, product, mappings, facts, order, today, build_answers(answers))
     want = case.get("want") or {}
     if not isinstance(want, dict) or not want:
         raise CaseError(f"{note}: 'want' is required")
@@ -250,7 +256,7 @@ def coverage_gaps(policy: Policy, results: list[CaseResult]) -> list[str]:
     durations: set[str] = set()
     for r in results:
         det = r.determination
-        if det.decision is Decision.NOT_COVERED and not det.indications and not det.not_covered:
+        if det.decision in (Decision.NOT_COVERED, Decision.REVIEW) and not det.indications and not det.not_covered:
             other_use.add(det.product.other_use.id)
         if "authorization_months" in r.wanted:
             durations.add(det.product.authorization.id)

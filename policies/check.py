@@ -1,6 +1,8 @@
 """``cds policy check``: everything a policy author needs to know before a policy ships.
 
 - every policy loads (strict: unknown operators, inputs without a mapping, missing cases fail with file and place);
+- no criterion is unreachable: comparisons on one input that no value can meet together (an ``all``) or that every
+  value meets (an ``any``), and not-covered uses that need an indication's own diagnosis (so they can never apply);
 - every case passes;
 - the cases cover every criterion both ways, every dose rule both ways, every not-covered use, "any other use",
   the authorization duration, and the indication question;
@@ -15,9 +17,10 @@ from pathlib import Path
 
 from cds.errors import LoadError
 from fhir_mappings.loader import Mappings, load_mappings
-from policies import dose
 from policies.cases import CaseError, coverage_gaps, run_policy_cases
 from policies.loader import HERE, PolicySet, load_policies
+from policies.model import COMPARISONS, Node, Policy
+from policies.needs import inputs_of
 
 LOCK = HERE / "versions.lock"
 
@@ -81,21 +84,74 @@ def unused_inputs(mappings: Mappings, policies: PolicySet) -> list[str]:
     used: set[str] = set()
     for policy in policies.policies.values():
         for product in policy.products:
-            used.update(product.drugs)
-            used.update(n.input for n in product.all_nodes() if n.input)
-            if product.alternative:
-                used.add(product.alternative.drug)
-            for nc in product.not_covered:
-                if nc.alternative:
-                    used.add(nc.alternative.drug)
-            for rule in product.dose_rules():
-                used.update(dose.DOSE_KINDS[rule.kind].inputs(rule))
+            used |= inputs_of(product)
     for name, spec in mappings.inputs.items():
         if spec.kind == "medication_history" and name in used and spec.drug:
             used.add(spec.drug)
     return [
         f"fhir_mappings/inputs.yaml: {name} is not used by any policy" for name in mappings.inputs if name not in used
     ]
+
+
+_BOUND = {">=": (True, False), ">": (True, True), "<=": (False, False), "<": (False, True)}
+
+
+def _interval(nodes: list[Node]) -> tuple[float, bool, float, bool]:
+    """The values meeting every comparison: (low, low excluded, high, high excluded)."""
+    lo, lo_open, hi, hi_open = float("-inf"), False, float("inf"), False
+    for n in nodes:
+        lower, strict = _BOUND[n.op]
+        v = float(n.value or 0)
+        if lower and (v > lo or (v == lo and strict)):
+            lo, lo_open = v, strict
+        if not lower and (v < hi or (v == hi and strict)):
+            hi, hi_open = v, strict
+    return lo, lo_open, hi, hi_open
+
+
+def unreachable(policy: Policy) -> list[str]:
+    out: list[str] = []
+    where = f"{policy.path}/policy.yaml"
+
+    def visit(node: Node) -> None:
+        comparisons: dict[str, list[Node]] = {}
+        for child in node.children:
+            if child.op in COMPARISONS and child.input:
+                comparisons.setdefault(child.input, []).append(child)
+        for name, group in comparisons.items():
+            if len(group) < 2:
+                continue
+            label = node.id or "a group"
+            if node.op == "all":
+                lo, lo_open, hi, hi_open = _interval(group)
+                if lo > hi or (lo == hi and (lo_open or hi_open)):
+                    out.append(f"{where}: {label}: no value of {name} meets {' and '.join(n.shown for n in group)}")
+            if node.op == "any":
+                lows = [n for n in group if _BOUND[n.op][0]]
+                highs = [n for n in group if not _BOUND[n.op][0]]
+                for a in lows:
+                    for b in highs:
+                        va, vb = float(a.value or 0), float(b.value or 0)
+                        if va < vb or (va == vb and not (_BOUND[a.op][1] and _BOUND[b.op][1])):
+                            out.append(f"{where}: {label}: every value of {name} meets {a.shown} or {b.shown}")
+        for child in node.children:
+            visit(child)
+
+    for product in policy.products:
+        for node in product.all_nodes():
+            if node.children:
+                visit(node)
+        diagnosis_inputs = {
+            n.input for ind in product.indications for n in ind.diagnosis.walk() if n.op == "present" and n.input
+        }
+        for nc in product.not_covered:
+            needed = {n.input for n in nc.when.walk() if n.op == "present" and n.input} & diagnosis_inputs
+            if needed and nc.when.op != "any":
+                out.append(
+                    f"{where}: {nc.id} needs {', '.join(sorted(needed))}, an indication's own diagnosis: "
+                    "it can never apply (an established indication takes precedence)"
+                )
+    return list(dict.fromkeys(out))
 
 
 def check_all(directory: Path | None = None) -> list[str]:

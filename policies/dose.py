@@ -1,17 +1,16 @@
-"""Dose rules: whether the amount an order asks for is within the policy's limit, and a proposal at the limit.
+"""Dose rules: is the amount an order asks for within the policy's limit? If not, a proposal within it.
 
-Each rule kind is one function here, listed in :data:`DOSE_KINDS` with the parameters it takes (checked when
-policies load). A rule ends ``met`` (within the limit), ``not-met`` (over it: review, with a proposal) or ``unknown``
-(the figure cannot be computed: the rule then names what to ask).
+Each rule kind is one function, listed in :data:`DOSE_KINDS` with the parameters it takes (checked when policies load)
+and the inputs it reads. A rule ends ``met`` (within), ``not-met`` (over: the request goes to review, often with a
+proposal) or ``unknown`` (the figure cannot be computed; ``ask`` says what would settle it). Amounts are read by
+:mod:`policies.amounts`; a unit we cannot convert makes the figure unknown, never a guess.
 
-``per_kg``: the amount per kilogram of body weight over a window of days. The figure is computed two ways, whichever
-the order allows, and the larger is used:
-- from the dosage: dose × administrations per day × days in the window (capped by ``repeat.count`` and
-  ``boundsDuration``);
-- from the dispense: ``dispenseRequest.quantity`` per fill × fills within the window (the fills allowed, spread over
-  ``expectedSupplyDuration``; with no supply duration one fill is counted).
-Mass amounts are divided by the latest body weight; per-kilogram amounts need none. A unit we cannot convert makes the
-figure unknown, never a guess.
+- ``per_kg``: amount per kilogram of body weight over a window of days (IP0356, IP0355).
+- ``count_per_window``: counted units (tablets) over a window of hours; mass doses convert by the unit's strength.
+- ``units_per_dose``: billable units (kits) one approval covers, refills included (BCBSKS Hemgenix: one kit).
+- ``weight_band``: the kit NDC must be the one the policy's table gives for the patient's weight.
+- ``usual_rate``: an infusion rate above the usual dose is reviewed (no maximum is established), optionally only for
+  an age range.
 """
 
 from __future__ import annotations
@@ -23,14 +22,16 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from fhir_mappings import units
+from fhir_mappings import systems, units
+from policies import amounts
 from policies.model import DoseRule, State
 
 if TYPE_CHECKING:
     from policies.engine import Answers, Facts
 
 COVERAGE_INFO_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
-_PERIOD_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1.0, "wk": 7.0, "mo": 30.0, "a": 365.0}
+WEIGHT = "obs.body_weight"
+AGE = "age_years"
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class DoseResult:
     note: str
     evidence: tuple[str, ...] = ()
     computed: float | None = None  # the order's figure, in the rule's unit
-    proposal: Mapping[str, Any] | None = None  # the order brought within the limit (not-met only)
+    proposal: Mapping[str, Any] | None = None  # the order brought within the rule
+    proposal_label: str = "Reduce the dose to the policy limit"
     ask: str | None = None  # unknown only: "weight" (a body weight answers it) or "attest" (yes / no)
 
     @property
@@ -53,72 +55,15 @@ class DoseKind:
     params: Mapping[str, type | tuple[type, ...]]  # required parameters and their types
     check: Callable[[DoseRule, Mapping[str, Any], Facts, Answers, date], DoseResult]
     inputs: Callable[[DoseRule], tuple[str, ...]]  # the fact inputs the rule reads
-    ask_text: Callable[[DoseRule], str]  # the question when the figure cannot be computed
+    ask_text: Callable[[DoseRule], str]  # the yes/no question when the figure cannot be computed
+    validate: Callable[[Mapping[str, Any]], str | None] = lambda params: None
 
 
-def _days(q: Any) -> float | None:
-    if isinstance(q, Mapping) and isinstance(q.get("value"), int | float):
-        unit = q.get("code") or q.get("unit")
-        if unit in _PERIOD_DAYS:
-            return float(q["value"]) * _PERIOD_DAYS[unit]
-        try:
-            return float(q["value"]) * _PERIOD_DAYS[units.ucum(str(unit))]
-        except (units.UnitError, KeyError):
-            return None
-    return None
-
-
-def _dosage_figures(order: Mapping[str, Any], window: float) -> tuple[list[tuple[float, str, str]], list[str]]:
-    figures: list[tuple[float, str, str]] = []
-    problems: list[str] = []
-    for di in order.get("dosageInstruction") or ():
-        repeat = ((di.get("timing") or {}).get("repeat")) or {}
-        for dr in di.get("doseAndRate") or ():
-            dq = dr.get("doseQuantity") or (dr.get("doseRange") or {}).get("high")
-            if not isinstance(dq, Mapping) or not isinstance(dq.get("value"), int | float):
-                continue
-            unit = units.quantity_unit(dq)
-            if unit is None or not units.is_known(unit):
-                problems.append(f"dose unit {unit!r} is not one we can convert")
-                continue
-            freq = repeat.get("frequencyMax") or repeat.get("frequency") or 1
-            period, punit = repeat.get("period"), repeat.get("periodUnit")
-            if not isinstance(period, int | float) or punit not in _PERIOD_DAYS or period <= 0:
-                problems.append("the dosage has no timing period to compute an amount per day")
-                continue
-            per_day = float(dq["value"]) * float(freq) / (float(period) * _PERIOD_DAYS[punit])
-            total = per_day * window
-            bounds = _days(repeat.get("boundsDuration"))
-            if bounds is not None:
-                total = min(total, per_day * bounds)
-            if isinstance(repeat.get("count"), int):
-                total = min(total, float(dq["value"]) * (repeat.get("countMax") or repeat["count"]))
-            figures.append((total, unit, f"{dq['value']:g} {unit} × {freq:g} every {period:g} {punit}"))
-    return figures, problems
-
-
-def _dispense_figure(order: Mapping[str, Any], window: float) -> tuple[tuple[float, str, str] | None, list[str]]:
-    disp = order.get("dispenseRequest") or {}
-    qty = disp.get("quantity")
-    if not isinstance(qty, Mapping) or not isinstance(qty.get("value"), int | float):
-        return None, []
-    unit = units.quantity_unit(qty)
-    if unit is None or not units.is_known(unit):
-        return None, [f"dispense quantity unit {unit!r} is not one we can convert"]
-    fills_allowed = 1 + int(disp.get("numberOfRepeatsAllowed") or 0)
-    supply = _days(disp.get("expectedSupplyDuration"))
-    if supply:
-        fills = min(float(fills_allowed), max(1.0, window / supply))
-        if supply > window:
-            fills = window / supply
-    else:
-        fills = 1.0
-    amount = float(qty["value"]) * fills
-    how = f"dispense {qty['value']:g} {unit}" + (f" × {fills:g} fills" if fills != 1 else "")
-    return (amount, unit, how), []
+# --- shared ---
 
 
 def _weight(rule: DoseRule, facts: Facts, answers: Answers, today: date) -> tuple[float | None, tuple[str, ...], str]:
+    """The body weight in kg: answered for this rule, or the latest on record within its window."""
     from policies.engine import Quantity  # the engine imports this module
 
     answer = answers.get(rule.id)
@@ -127,7 +72,7 @@ def _weight(rule: DoseRule, facts: Facts, answers: Answers, today: date) -> tupl
             return units.convert(answer.value, answer.unit, "kg"), answers.evidence(rule.id), ""
         except units.UnitError as exc:
             return None, (), f"the body weight answer: {exc}"
-    fact = facts.get(str(rule.params.get("weight_input", "obs.body_weight")))
+    fact = facts.get(WEIGHT)
     if fact.value is None:
         return None, fact.evidence, fact.note or "no body weight on record"
     window = fact.window_days
@@ -136,106 +81,376 @@ def _weight(rule: DoseRule, facts: Facts, answers: Answers, today: date) -> tupl
     return fact.value.lo, fact.evidence, ""
 
 
-def _check_per_kg(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
-    limit, unit, window = float(rule.params["amount"]), str(rule.params["unit"]), float(rule.params["per_days"])
-    if answers.get(rule.id) is True:
+def _attested(rule: DoseRule, answers: Answers) -> DoseResult | None:
+    answer = answers.get(rule.id)
+    if isinstance(answer, bool):
+        state = State.MET if answer else State.NOT_MET
         return DoseResult(
-            rule, State.MET, "the prescriber attests the dose is within the limit", answers.evidence(rule.id)
+            rule, state, "attested by the prescriber" if answer else "not attested", answers.evidence(rule.id)
         )
-    figures, problems = _dosage_figures(order, window)
-    dispensed, more = _dispense_figure(order, window)
-    problems += more
-    if dispensed:
-        figures.append(dispensed)
-    if not figures:
-        note = "; ".join(problems) or "the order states neither a dose with timing nor a dispense quantity"
-        return DoseResult(rule, State.UNKNOWN, note, ask="attest")
-    kg, evidence, weight_note = _weight(rule, facts, answers, today)
-    best: tuple[float, str, bool] | None = None  # (per kg in the rule's unit, how, whether the weight was used)
-    needs_weight = False
-    for amount, amount_unit, how in figures:
-        used_weight = False
-        try:
-            per_kg = units.convert(amount, amount_unit, unit)
-        except units.UnitError:
-            try:
-                micrograms = units.convert(amount, amount_unit, "ug")
-            except units.UnitError as exc:
-                problems.append(str(exc))
-                continue
-            if kg is None or kg <= 0:
-                needs_weight = True
-                continue
-            per_kg, used_weight = units.convert(micrograms / kg, "ug/kg", unit), True
-        if best is None or per_kg > best[0]:
-            best = (per_kg, how, used_weight)
-    if best is None:
-        if needs_weight:
-            return DoseResult(
-                rule,
-                State.UNKNOWN,
-                f"body weight is needed to compute the dose per kg ({weight_note})",
-                evidence,
-                ask="weight",
-            )
-        return DoseResult(rule, State.UNKNOWN, "; ".join(problems), ask="attest")
-    computed, how, used_weight = best
-    if not used_weight:
-        evidence = ()
-    weight_text = f" at {kg:g} kg" if used_weight and kg is not None else ""
-    note = f"{computed:,.0f} {unit} per {window:g} days ({how}{weight_text}); limit {limit:,.0f} {unit}"
-    if computed <= limit * (1 + 1e-9):
-        return DoseResult(rule, State.MET, note, evidence, computed)
-    factor = limit / computed
-    return DoseResult(rule, State.NOT_MET, note, evidence, computed, proposal=_scaled(order, factor, window))
+    return None
 
 
-def _scaled(order: Mapping[str, Any], factor: float, window: float) -> dict[str, Any]:
-    """The order with its stated amounts scaled down by ``factor`` (rounded down); nothing else changed but the
-    removal of coverage-information extensions, which spoke of the old amounts."""
-    proposal = copy.deepcopy(dict(order))
-    for di in proposal.get("dosageInstruction") or ():
-        for dr in di.get("doseAndRate") or ():
-            dq = dr.get("doseQuantity")
-            if isinstance(dq, dict) and isinstance(dq.get("value"), int | float):
-                dq["value"] = _floor(dq["value"] * factor)
-    qty = (proposal.get("dispenseRequest") or {}).get("quantity")
-    if isinstance(qty, dict) and isinstance(qty.get("value"), int | float):
-        qty["value"] = _floor(qty["value"] * factor)
-    if proposal.get("extension"):
-        kept = [e for e in proposal["extension"] if e.get("url") != COVERAGE_INFO_URL]
-        if kept:
-            proposal["extension"] = kept
-        else:
-            del proposal["extension"]
-    return proposal
+def num(value: float) -> str:
+    """A figure for people: 15,120 and 64 and 0.75, never 1.512e+04."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value != int(value) else f"{int(value)}"
 
 
 def _floor(value: float) -> float | int:
-    if value >= 10:
-        return int(math.floor(value))
-    return math.floor(value * 100) / 100
+    return int(math.floor(value)) if value >= 10 else math.floor(value * 100) / 100
 
 
-def _per_kg_text(rule: DoseRule) -> str:
-    return (
-        f"The requested dose is at most {float(rule.params['amount']):,.0f} {rule.params['unit']} "
-        f"per {rule.params['per_days']} days"
+def _without_coverage_info(order: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the order for a proposal; its coverage-information extensions spoke of the old order."""
+    proposal = copy.deepcopy(dict(order))
+    kept = [e for e in proposal.get("extension") or () if e.get("url") != COVERAGE_INFO_URL]
+    if kept:
+        proposal["extension"] = kept
+    else:
+        proposal.pop("extension", None)
+    return proposal
+
+
+def _scaled(order: Mapping[str, Any], dose_factor: float, dispense_factor: float) -> dict[str, Any]:
+    """The order with its dose and dispense amounts scaled down (rounded down); nothing else changed."""
+    proposal = _without_coverage_info(order)
+    for di in proposal.get("dosageInstruction") or ():
+        for dr in di.get("doseAndRate") or ():
+            dq = dr.get("doseQuantity")
+            if isinstance(dq, dict) and isinstance(dq.get("value"), int | float) and dose_factor < 1:
+                dq["value"] = _floor(dq["value"] * dose_factor)
+    qty = (proposal.get("dispenseRequest") or {}).get("quantity")
+    if isinstance(qty, dict) and isinstance(qty.get("value"), int | float) and dispense_factor < 1:
+        qty["value"] = _floor(qty["value"] * dispense_factor)
+    return proposal
+
+
+def _limit_check(
+    rule: DoseRule,
+    order: Mapping[str, Any],
+    limit: float,
+    unit: str,
+    window_days: float,
+    per_window: str,
+    to_rule_unit: Callable[[float, str], float | None],
+    evidence: tuple[str, ...],
+    context: Callable[[], str],
+    unitless: str | None = None,
+) -> DoseResult:
+    """The common shape of a limit over a window: figures from dosage and dispense in the rule's unit (the converter
+    returns None when it needs the body weight, raises UnitError when the units do not fit), the larger decides;
+    over the limit proposes the order scaled to it."""
+    dosage, problems = amounts.dosage_figures(order, window_days)
+    dispensed, more = amounts.dispense_figure(order, window_days, unitless=unitless)
+    problems += more
+    figures = [("dose", f) for f in dosage] + ([("dispense", dispensed)] if dispensed else [])
+    if not figures:
+        note = "; ".join(problems) or "the order states neither a dose with timing nor a dispense quantity"
+        return DoseResult(rule, State.UNKNOWN, note, ask="attest")
+    converted: list[tuple[str, float, str]] = []
+    needs_weight = False
+    for where, (amount, amount_unit, how) in figures:
+        try:
+            value = to_rule_unit(amount, amount_unit)
+        except units.UnitError as exc:
+            problems.append(str(exc))
+            continue
+        if value is None:
+            needs_weight = True
+            continue
+        converted.append((where, value, how))
+    if not converted:
+        if needs_weight:
+            return DoseResult(
+                rule, State.UNKNOWN, f"body weight is needed for the dose per kg ({context()})", evidence, ask="weight"
+            )
+        return DoseResult(rule, State.UNKNOWN, "; ".join(problems), ask="attest")
+    where, computed, how = max(converted, key=lambda c: c[1])
+    note = f"{num(computed)} {unit} per {per_window} ({how}{context()}); limit {num(limit)} {unit}"
+    if computed <= limit * (1 + 1e-9):
+        return DoseResult(rule, State.MET, note, evidence, computed)
+    factors = {w: min(1.0, limit / v) for w, v, _ in converted}
+    proposal = _scaled(order, factors.get("dose", 1.0), factors.get("dispense", 1.0))
+    return DoseResult(rule, State.NOT_MET, note, evidence, computed, proposal)
+
+
+# --- per_kg ---
+
+
+def _check_per_kg(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
+    unit = str(rule.params["unit"])
+    kg, evidence, weight_note = _weight(rule, facts, answers, today)
+    used_weight: list[bool] = []
+
+    def per_kg(amount: float, amount_unit: str) -> float | None:
+        if units.dimension(amount_unit) == units.dimension(unit):
+            return units.convert(amount, amount_unit, unit)
+        micrograms = units.convert(amount, amount_unit, "ug")  # a mass, or UnitError
+        if kg is None or kg <= 0:
+            return None
+        used_weight.append(True)
+        return units.convert(micrograms / kg, "ug/kg", unit)
+
+    def context() -> str:
+        if kg is None:
+            return weight_note
+        return f" at {kg:g} kg" if used_weight else ""
+
+    days = float(rule.params["per_days"])
+    result = _limit_check(
+        rule, order, float(rule.params["amount"]), unit, days, f"{days:g} days", per_kg, evidence, context
     )
+    if not used_weight and result.state is not State.UNKNOWN:
+        return DoseResult(result.rule, result.state, result.note, (), result.computed, result.proposal)
+    return result
+
+
+def _validate_per_kg(params: Mapping[str, Any]) -> str | None:
+    try:
+        units.convert(1.0, str(params["unit"]), "ug/kg")
+    except units.UnitError as exc:
+        return f"per_kg limits need a mass-per-kg unit ({exc})"
+    return None
+
+
+# --- count_per_window ---
+
+
+def _check_count(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
+    unit = units.ucum(str(rule.params["unit"]))
+    strength = rule.params.get("strength")  # e.g. "30 ug": the drug in one counted unit
+
+    def counted(amount: float, amount_unit: str) -> float | None:
+        if units.dimension(amount_unit) == units.dimension(unit) or not strength:
+            return units.convert(amount, amount_unit, unit)  # or UnitError
+        value, s_unit = str(strength).split(" ", 1)
+        return units.convert(amount, amount_unit, s_unit) / float(value)
+
+    hours = float(rule.params["per_hours"])
+    return _limit_check(
+        rule, order, float(rule.params["amount"]), unit, hours / 24, f"{hours:g} hours", counted, (), lambda: ""
+    )
+
+
+def _validate_count(params: Mapping[str, Any]) -> str | None:
+    try:
+        units.ucum(str(params["unit"]))
+        if params.get("strength") is not None:
+            value, s_unit = str(params["strength"]).split(" ", 1)
+            float(value)
+            units.ucum(s_unit)
+    except (units.UnitError, ValueError) as exc:
+        return f"count_per_window: {exc} (strength is written like '30 ug')"
+    return None
+
+
+# --- units_per_dose ---
+
+
+def _check_units(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
+    unit = units.ucum(str(rule.params["unit"]))
+    limit = float(rule.params["amount"])
+    dispensed, problems = amounts.dispense_figure(order, 1e9, unitless=unit)  # every fill the order allows
+    if dispensed is None:
+        return DoseResult(rule, State.UNKNOWN, "; ".join(problems) or "the order states no quantity", ask="attest")
+    amount, amount_unit, how = dispensed
+    try:
+        count = units.convert(amount, amount_unit, unit)
+    except units.UnitError:
+        return DoseResult(rule, State.UNKNOWN, f"the quantity is in {amount_unit}, not {unit}", ask="attest")
+    note = f"{count:g} {unit} requested ({how}); limit {limit:g} {unit} per approval"
+    if count <= limit:
+        return DoseResult(rule, State.MET, note, computed=count)
+    proposal = _without_coverage_info(order)
+    disp = proposal.setdefault("dispenseRequest", {})
+    disp["quantity"] = {"value": limit, "unit": str(rule.params["unit"]), "system": systems.UCUM, "code": unit}
+    disp.pop("numberOfRepeatsAllowed", None)
+    return DoseResult(
+        rule,
+        State.NOT_MET,
+        note,
+        computed=count,
+        proposal=proposal,
+        proposal_label=f"Request {limit:g} {rule.params['unit']} for one dose",
+    )
+
+
+# --- weight_band ---
+
+
+def _check_band(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
+    kg, evidence, weight_note = _weight(rule, facts, answers, today)
+    if kg is None:
+        return DoseResult(
+            rule, State.UNKNOWN, f"the kit depends on the body weight ({weight_note})", evidence, ask="weight"
+        )
+    vials = math.ceil(kg * float(rule.params["ml_per_kg"]) / float(rule.params["ml_per_vial"]) - 1e-9)
+    table = {int(row["vials"]): row for row in rule.params["table"]}
+    row = table.get(vials)
+    if row is None:
+        return DoseResult(
+            rule, State.NOT_MET, f"{kg:g} kg needs {vials} vials; no kit in the table has that many", evidence
+        )
+    wanted = systems.ndc_keys(str(row["ndc"]))[0]
+    ordered = [c for c in order_codings(order) if systems.canonical_system(c.get("system")) == systems.NDC]
+    keys = {k for c in ordered for k in systems.ndc_keys(str(c.get("code", "")))}
+    note = f"{kg:g} kg: {vials} vials, kit {wanted} (weight {row['min_kg']}–{row['max_kg']} kg)"
+    if not ordered:
+        return DoseResult(rule, State.MET, f"{note}; the order names no kit", evidence)
+    if wanted in keys:
+        return DoseResult(rule, State.MET, note, evidence)
+    proposal = _without_coverage_info(order)
+    concept = proposal.setdefault("medicationCodeableConcept", {"coding": []})
+    concept["coding"] = [
+        c for c in concept.get("coding") or () if systems.canonical_system(c.get("system")) != systems.NDC
+    ]
+    concept["coding"].append({"system": systems.NDC, "code": wanted, "display": f"{vials}-vial kit"})
+    return DoseResult(
+        rule,
+        State.NOT_MET,
+        f"{note}; the order names {', '.join(sorted(keys))}",
+        evidence,
+        proposal=proposal,
+        proposal_label=f"Order the {vials}-vial kit ({wanted}) for {kg:g} kg",
+    )
+
+
+def order_codings(order: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    concept = order.get("medicationCodeableConcept") or {}
+    return [c for c in concept.get("coding") or () if isinstance(c, Mapping)]
+
+
+def _validate_band(params: Mapping[str, Any]) -> str | None:
+    table = params.get("table")
+    if not isinstance(table, list) or not table:
+        return "weight_band needs a table of {vials, min_kg, max_kg, ndc} rows"
+    seen = set()
+    for i, row in enumerate(table):
+        if not isinstance(row, dict) or not {"vials", "min_kg", "max_kg", "ndc"} <= set(row):
+            return f"table[{i}] needs vials, min_kg, max_kg and ndc"
+        if len(systems.ndc_keys(str(row["ndc"]))) != 1:
+            return f"table[{i}]: write the NDC as 5-4-2"
+        expected = math.ceil(float(row["max_kg"]) * float(params["ml_per_kg"]) / float(params["ml_per_vial"]) - 1e-9)
+        if expected != row["vials"]:
+            return f"table[{i}]: {row['max_kg']} kg needs {expected} vials, the row says {row['vials']}"
+        if row["vials"] in seen:
+            return f"table[{i}]: {row['vials']} vials appear twice"
+        seen.add(row["vials"])
+    return None
+
+
+# --- usual_rate ---
+
+
+def _check_rate(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
+    ages = rule.params.get("ages")
+    if ages:
+        age = facts.get(AGE).value
+        low, high = float(ages[0]), float(ages[1])
+        if age is not None and age.lo is not None and age.hi is not None and (age.hi < low or age.lo >= high):
+            return DoseResult(rule, State.MET, f"applies to ages {ages[0]}–{ages[1]}; not to this patient")
+    unit = units.ucum(str(rule.params["unit"]))
+    limit = float(rule.params["max"])
+    rates, problems = amounts.rate_figures(order)
+    if not rates:
+        note = "; ".join(problems) or "the order states no infusion rate"
+        return DoseResult(rule, State.UNKNOWN, note, ask="attest")
+    kg, evidence, weight_note = _weight(rule, facts, answers, today)
+    best: float | None = None
+    for value, rate_unit in rates:
+        try:
+            converted = units.convert(value, rate_unit, unit)
+        except units.UnitError:
+            if kg is None:
+                return DoseResult(
+                    rule,
+                    State.UNKNOWN,
+                    f"body weight is needed to compare the rate ({weight_note})",
+                    evidence,
+                    ask="weight",
+                )
+            per_kg = rate_unit.endswith("/kg/min") or rate_unit.endswith("/kg/h")
+            try:
+                converted = units.convert(
+                    value * kg if per_kg else value / kg,
+                    rate_unit.replace("/kg", "") if per_kg else rate_unit.replace("/", "/kg/", 1),
+                    unit,
+                )
+            except units.UnitError:
+                problems.append(f"rate in {rate_unit} cannot be compared with {unit}")
+                continue
+        best = converted if best is None else max(best, converted)
+    if best is None:
+        return DoseResult(rule, State.UNKNOWN, "; ".join(problems), ask="attest")
+    note = f"{best:g} {unit}; usual dose up to {limit:g} {unit}"
+    if best <= limit * (1 + 1e-9):
+        return DoseResult(rule, State.MET, note, computed=best)
+    return DoseResult(rule, State.NOT_MET, note + " (above the usual dose: reviewed)", computed=best)
+
+
+def _validate_rate(params: Mapping[str, Any]) -> str | None:
+    try:
+        dim = units.dimension(str(params["unit"]))
+    except units.UnitError as exc:
+        return str(exc)
+    if dim not in ("mass_rate", "dose_rate_per_kg"):
+        return "usual_rate needs a rate unit (ug/min or ug/kg/min)"
+    ages = params.get("ages")
+    if ages is not None and (not isinstance(ages, list) or len(ages) != 2):
+        return "ages is [from, below] in years"
+    return None
+
+
+# --- registry ---
+
+
+def _text(rule: DoseRule) -> str:
+    return rule.text or f"The order is within {rule.id}"
 
 
 DOSE_KINDS: Mapping[str, DoseKind] = {
     "per_kg": DoseKind(
-        params={"amount": (int, float), "unit": str, "per_days": int},
-        check=_check_per_kg,
-        inputs=lambda rule: (str(rule.params.get("weight_input", "obs.body_weight")),),
-        ask_text=_per_kg_text,
+        {"amount": (int, float), "unit": str, "per_days": int},
+        _check_per_kg,
+        lambda rule: (WEIGHT,),
+        lambda r: f"The requested dose is within: {r.text}",
+        _validate_per_kg,
+    ),
+    "count_per_window": DoseKind(
+        {"amount": (int, float), "unit": str, "per_hours": (int, float)},
+        _check_count,
+        lambda rule: (),
+        lambda r: f"The requested quantity is within: {r.text}",
+        _validate_count,
+    ),
+    "units_per_dose": DoseKind(
+        {"amount": (int, float), "unit": str},
+        _check_units,
+        lambda rule: (),
+        lambda r: f"The request is for at most: {r.text}",
+    ),
+    "weight_band": DoseKind(
+        {"ml_per_kg": (int, float), "ml_per_vial": (int, float), "table": list},
+        _check_band,
+        lambda rule: (WEIGHT,),
+        lambda r: f"The kit matches the patient's weight: {r.text}",
+        _validate_band,
+    ),
+    "usual_rate": DoseKind(
+        {"max": (int, float), "unit": str},
+        _check_rate,
+        lambda rule: (WEIGHT, AGE),
+        lambda r: f"The infusion rate is within the usual dose: {r.text}",
+        _validate_rate,
     ),
 }
 
 
 def check(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
-    return DOSE_KINDS[rule.kind].check(rule, order, facts, answers, today)
+    """The rule's result; a yes/no answer to the rule (asked when the figure could not be computed) settles it."""
+    return _attested(rule, answers) or DOSE_KINDS[rule.kind].check(rule, order, facts, answers, today)
 
 
 def validate_params(rule_kind: str, params: Mapping[str, Any]) -> str | None:
@@ -249,9 +464,4 @@ def validate_params(rule_kind: str, params: Mapping[str, Any]) -> str | None:
             return f"'{name}' is required ({typ})"
         if isinstance(value, int | float) and value <= 0:
             return f"'{name}' must be positive"
-    if rule_kind == "per_kg":
-        try:
-            units.convert(1.0, str(params["unit"]), "ug/kg")
-        except units.UnitError as exc:
-            return f"per_kg limits need a mass-per-kg unit ({exc})"
-    return None
+    return kind.validate(params)

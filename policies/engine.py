@@ -8,7 +8,7 @@ storage or Flask; the same inputs always give the same :class:`Determination`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from enum import StrEnum
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ class Decision(StrEnum):
     NEEDS_INFO = "needs-information"  # nothing failed; some criteria cannot be decided from the data
     DOSE_REVIEW = "dose-review"  # criteria met; the dose exceeds the policy's limit
     NOT_COVERED = "not-covered"  # a criterion failed definitively, or the use is not covered
+    REVIEW = "off-label-review"  # a use the policy does not list, which it sends to the off-label review
 
 
 class Facts(Protocol):
@@ -140,13 +141,29 @@ class _Evaluator:
         self.today = today
 
     def node(self, node: Node) -> Finding:
+        """The node's finding from the record, reconciled with an answer to it (when there is one)."""
         answer = self.answers.get(node.id)
-        if node.is_leaf:
-            return self._leaf(node, answer)
+        found = self._leaf(node) if node.is_leaf else self._group(node)
+        if answer is None or node.op == "attested":
+            return found
+        answered = self._answered(node, answer, found.children)
+        if found.state is State.UNKNOWN or found.state is answered.state:
+            return (
+                answered
+                if found.state is State.UNKNOWN
+                else replace(found, evidence=tuple(dict.fromkeys(found.evidence + answered.evidence)))
+            )
+        # the record settles it one way and the answer the other: neither wins, a reviewer decides
+        return Finding(
+            node,
+            State.UNKNOWN,
+            found.evidence + answered.evidence,
+            f"the answer contradicts the record ({found.note or found.state.value})",
+            children=found.children,
+        )
+
+    def _group(self, node: Node) -> Finding:
         children = tuple(self.node(c) for c in node.children)
-        if answer is not None and isinstance(answer, bool):
-            state = State.MET if answer else State.NOT_MET
-            return Finding(node, state, self.answers.evidence(node.id or ""), "answered", children=children)
         states = [c.state for c in children]
         if node.op == "all":
             state = (
@@ -164,13 +181,17 @@ class _Evaluator:
                 if all(s is State.NOT_MET for s in states)
                 else State.UNKNOWN
             )
+        elif node.op == "tests":
+            # results of tests for one fact: a failed test decides, else a passed one; tests not done do not count
+            state = State.NOT_MET if State.NOT_MET in states else State.MET if State.MET in states else State.UNKNOWN
         else:  # not
             state = {State.MET: State.NOT_MET, State.NOT_MET: State.MET}.get(states[0], State.UNKNOWN)
         evidence = tuple(dict.fromkeys(e for c in children if c.state is state for e in c.evidence))
         return Finding(node, state, evidence, children=children)
 
-    def _leaf(self, node: Node, answer: Any) -> Finding:
+    def _leaf(self, node: Node) -> Finding:
         if node.op == "attested":
+            answer = self.answers.get(node.id)
             if isinstance(answer, bool):
                 return Finding(
                     node,
@@ -181,8 +202,6 @@ class _Evaluator:
             return Finding(node, State.UNKNOWN, note="needs the prescriber's attestation")
         assert node.input is not None  # checked at load
         spec = self.inputs[node.input]
-        if answer is not None:
-            return self._answered(node, spec, answer)
         fact = self.facts.get(node.input)
         if node.op in ("present", "absent"):
             return self._presence(node, fact)
@@ -224,13 +243,18 @@ class _Evaluator:
             note = f"{value.describe(spec.unit)} does not settle {node.shown}"
         return Finding(node, state, fact.evidence, note, partial=fact.partial)
 
-    def _answered(self, node: Node, spec: InputDef, answer: Any) -> Finding:
+    def _answered(self, node: Node, answer: Any, children: tuple[Finding, ...]) -> Finding:
+        """The finding an answer alone gives (groups and yes/no criteria take a boolean: true means met)."""
         evidence = self.answers.evidence(node.id or "")
+        if not node.is_leaf:
+            if not isinstance(answer, bool):
+                return Finding(node, State.UNKNOWN, evidence, "the answer is not yes or no", children=children)
+            return Finding(node, State.MET if answer else State.NOT_MET, evidence, "answered", children=children)
+        spec = self.inputs[node.input or ""]
         if node.op in ("present", "absent"):
             if not isinstance(answer, bool):
                 return Finding(node, State.UNKNOWN, evidence, "the answer is not yes or no")
-            present = answer
-            met = present if node.op == "present" else not present
+            met = answer if node.op == "present" else not answer
             return Finding(node, State.MET if met else State.NOT_MET, evidence, "answered")
         if node.op == "is":
             state = State.MET if answer == node.value else State.NOT_MET
@@ -366,8 +390,11 @@ def evaluate(
         for rule in product.dosing + dosed.indication.dosing:
             doses.append(dose_rules.check(rule, order, facts, answers, today))
 
-    if not_covered or not candidates:
+    if not_covered:
         decision = Decision.NOT_COVERED
+    elif not candidates:
+        # any other use: not covered, or (when the document says so) reviewed under the payer's off-label policy
+        decision = Decision.REVIEW if product.off_label_review is not None else Decision.NOT_COVERED
     elif chosen is not None:
         if continuation and product.authorization.renewal_months is None and product.authorization.doses:
             decision = Decision.NOT_COVERED

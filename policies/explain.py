@@ -88,4 +88,5 @@ def headline(det: Determination) -> str:
         Decision.NEEDS_INFO: "documentation needed",
         Decision.DOSE_REVIEW: "dose exceeds the policy limit",
         Decision.NOT_COVERED: "not covered",
+        Decision.REVIEW: "not a listed use; off-label review",
     }[det.decision]

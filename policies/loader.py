@@ -64,8 +64,9 @@ _PRODUCT_KEYS = {
     "documentation",
     "statements",
     "alternative",
+    "off_label_review",
 }
-_NODE_KEYS = {"id", "text", "op", "input", "value", "unit", "within_days", "all", "any", "not"}
+_NODE_KEYS = {"id", "text", "op", "input", "value", "unit", "within_days", "all", "any", "not", "tests"}
 _QUALITATIVE = {"present", "absent"}
 
 
@@ -129,7 +130,7 @@ class _Reader:
             ident = str(ident)
             self.claim_id(ident, place)
         text = str(raw.get("text", default_text)).strip()
-        groups = [k for k in ("all", "any", "not") if k in raw]
+        groups = [k for k in ("all", "any", "not", "tests") if k in raw]
         if len(groups) > 1 or (groups and "op" in raw):
             raise self.fail(place, "a criterion is either a group (all/any/not) or a leaf (op), not both")
         if groups:
@@ -261,7 +262,8 @@ class _Reader:
         extra = set(raw) - _PRODUCT_KEYS
         if extra:
             raise self.fail(place, f"unknown keys {sorted(extra)}")
-        for key in ("id", "title", "drugs", "indications", "authorization", "other_use"):
+        self.ids = set()  # ids are unique within a product (a guideline may apply to two products)
+        for key in ("id", "title", "drugs", "indications", "authorization"):
             if raw.get(key) in (None, "", []):
                 raise self.fail(f"{place}.{key}", "is required")
         drugs = raw["drugs"]
@@ -354,6 +356,17 @@ class _Reader:
         documentation = (
             self.statement(raw["documentation"], f"{place}.documentation") if raw.get("documentation") else None
         )
+        off_label = (
+            self.statement(raw["off_label_review"], f"{place}.off_label_review")
+            if raw.get("off_label_review")
+            else None
+        )
+        if raw.get("other_use"):
+            other_use = self.statement(raw["other_use"], f"{place}.other_use")
+        elif off_label is not None:
+            other_use = off_label  # any other use goes to the off-label review
+        else:
+            raise self.fail(f"{place}.other_use", "is required (what the document says of any other use)")
         return Product(
             id=str(raw["id"]),
             title=str(raw["title"]).strip(),
@@ -361,11 +374,12 @@ class _Reader:
             indications=tuple(indications),
             selection_id=selection_id,
             authorization=authorization,
-            other_use=self.statement(raw["other_use"], f"{place}.other_use"),
+            other_use=other_use,
             not_covered=tuple(not_covered),
             dosing=self.doses(raw.get("dosing"), f"{place}.dosing"),
             reauthorization=reauth,
             documentation=documentation,
+            off_label_review=off_label,
             statements=statements,
             alternative=self.alternative(raw.get("alternative"), f"{place}.alternative"),
         )

@@ -23,7 +23,9 @@ class State(StrEnum):
 COMPARISONS = (">=", ">", "<=", "<")
 # the whole rule vocabulary: three combinators and these leaf operators (checked when policies load)
 LEAF_OPS = frozenset({"present", "absent", "attested", "is", *COMPARISONS})
-GROUP_OPS = frozenset({"all", "any", "not"})
+# all / any / not as usual; "tests": children are tests of one fact (a failed one decides, else a passed one; tests
+# not done do not count), e.g. an inhibitor titer and an inhibitor screen
+GROUP_OPS = frozenset({"all", "any", "not", "tests"})
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Product:
     dosing: tuple[DoseRule, ...] = ()  # rules for every indication
     reauthorization: Reauthorization | None = None
     documentation: Statement | None = None  # documentation required on every request
+    off_label_review: Statement | None = None  # uses the policy does not list go to the off-label review
     statements: tuple[Statement, ...] = ()
     alternative: Alternative | None = None  # proposed when the product is not covered for the use
 

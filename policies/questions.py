@@ -65,7 +65,16 @@ def open_questions(det: Determination, mappings: Mappings) -> tuple[Question, ..
                     DOSE_KINDS[dose.rule.kind].ask_text(dose.rule),
                 )
             )
-    if product.documentation is not None and det.decision in (Decision.DOCUMENTATION, Decision.NEEDS_INFO):
+    if det.decision is Decision.REVIEW and product.off_label_review is not None:
+        out.append(
+            Question(
+                product.off_label_review.id,
+                "attachment",
+                "Attach the clinical documentation supporting this use (diagnosis, prior treatment, literature)",
+                criterion=product.off_label_review.text,
+            )
+        )
+    elif product.documentation is not None and det.decision in (Decision.DOCUMENTATION, Decision.NEEDS_INFO):
         out.append(
             Question(
                 product.documentation.id,

@@ -75,5 +75,5 @@ def test_the_proposal_scales_each_amount_to_the_limit(mappings: Mappings) -> Non
     assert r.state is State.NOT_MET and r.computed == pytest.approx(300_000 / 70)
     dose = r.proposal["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"]
     quantity = r.proposal["dispenseRequest"]["quantity"]["value"]
-    assert dose == 18 and quantity == 63  # 90 × 900/4286 and 300 × 900/4286, rounded down
+    assert dose == 25 and quantity == 63  # each brought to the limit: 90 × 900/3240 and 300 × 900/4286, rounded down
     assert r.proposal["dosageInstruction"][0]["timing"] == build_order(order)["dosageInstruction"][0]["timing"]

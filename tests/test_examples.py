@@ -13,7 +13,7 @@ from builders import bundle, coverage, coverage_info, patient
 from conftest import post_hook
 from fake_ehr import FakeEHR
 from flask.testing import FlaskClient
-from test_order_sign import check_response_shape
+from hookcalls import check_response_shape
 
 from cds import hookrequest
 from cds.coverage_info import problems

@@ -7,8 +7,8 @@ from typing import Any
 from builders import condition, coverage_info, hook_request, med_order, role
 from conftest import post_hook
 from flask.testing import FlaskClient
+from hookcalls import check_response_shape
 from test_error_shape import assert_operation_outcome
-from test_order_sign import check_response_shape
 
 
 def select(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:

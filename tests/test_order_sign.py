@@ -17,8 +17,7 @@ from builders import (
 )
 from conftest import BASE, post_hook
 from flask.testing import FlaskClient
-
-from cds.coverage_info import problems
+from hookcalls import check_response_shape
 
 
 def actions(resp: Any) -> list[dict[str, Any]]:
@@ -31,31 +30,6 @@ def only_action(resp: Any) -> dict[str, Any]:
     acts = actions(resp)
     assert len(acts) == 1
     return acts[0]
-
-
-def check_response_shape(body: dict[str, Any]) -> None:
-    """What every response must satisfy (CDS Hooks 2.0, CRD 2.2 and the CRD 2.0.1 shape Inferno validates)."""
-    assert isinstance(body["cards"], list)
-    for card in body["cards"]:
-        assert len(card["summary"]) < 140
-        assert card["indicator"] in ("info", "warning", "critical")
-        assert card["source"]["label"]
-        assert card["source"]["topic"]["system"] and card["source"]["topic"]["code"]
-        assert card["uuid"]
-        for suggestion in card.get("suggestions", []):
-            assert suggestion["uuid"] and suggestion["label"]
-            assert card["selectionBehavior"] in ("at-most-one", "any")
-            for action in suggestion["actions"]:
-                assert action["type"] in ("create", "update", "delete") and action["description"]
-        for link in card.get("links", []):
-            assert link["type"] == "absolute" and link["url"].startswith("http")
-    for action in body.get("systemActions", []):
-        assert action["type"] == "update" and action["description"]
-        ext = [e for e in action["resource"]["extension"] if e["url"] == COVERAGE_INFO]
-        assert ext and not problems(ext[-1]), problems(ext[-1])
-        names = {s["url"] for s in ext[-1]["extension"]}
-        assert not names & {"detail", "contact", "expiry-date"}, "shape must also validate under CRD 2.0.1"
-    assert "systemActions" not in body or body["systemActions"], "never an empty systemActions array"
 
 
 def sign(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:

@@ -78,3 +78,43 @@ def test_the_folder_name_is_the_policy_id(tmp_path: Path, mappings: Mappings) ->
     edited(tmp_path, lambda r: r.update(id="cigna-other"))
     with pytest.raises(PolicyLoadError, match="must equal the folder name"):
         load_policies(mappings, tmp_path)
+
+
+def test_contradictory_comparisons_are_reported_unreachable(tmp_path: Path, mappings: Mappings) -> None:
+    from policies.check import unreachable
+
+    def change(raw: dict) -> None:  # type: ignore[type-arg]
+        raw["products"][0]["indications"][2]["criteria"][0] = {
+            "id": "IP0356-3A",
+            "all": [{"op": ">=", "input": "age_years", "value": 18}, {"op": "<", "input": "age_years", "value": 12}],
+        }
+
+    problems = unreachable(load_policy(edited(tmp_path, change), mappings))
+    assert len(problems) == 1 and "IP0356-3A: no value of age_years meets >= 18 years and < 12 years" in problems[0]
+
+
+def test_an_always_true_alternative_is_reported(tmp_path: Path, mappings: Mappings) -> None:
+    from policies.check import unreachable
+
+    def change(raw: dict) -> None:  # type: ignore[type-arg]
+        raw["products"][0]["indications"][2]["criteria"][0] = {
+            "id": "IP0356-3A",
+            "any": [{"op": ">=", "input": "age_years", "value": 18}, {"op": "<", "input": "age_years", "value": 18}],
+        }
+
+    assert "every value of age_years" in unreachable(load_policy(edited(tmp_path, change), mappings))[0]
+
+
+def test_a_not_covered_use_that_needs_an_indications_diagnosis_is_reported(tmp_path: Path, mappings: Mappings) -> None:
+    from policies.check import unreachable
+
+    def change(raw: dict) -> None:  # type: ignore[type-arg]
+        raw["products"][0]["not_covered"][0]["when"] = {"op": "present", "input": "dx.hemophilia_a"}
+
+    assert "IP0356-NC.1 needs dx.hemophilia_a" in unreachable(load_policy(edited(tmp_path, change), mappings))[0]
+
+
+def test_the_shipped_policies_have_nothing_unreachable(policies: object) -> None:
+    from policies.check import unreachable
+
+    assert [p for policy in policies.policies.values() for p in unreachable(policy)] == []  # type: ignore[attr-defined]

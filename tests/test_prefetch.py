@@ -10,7 +10,7 @@ from builders import bundle, condition, coverage, coverage_info, hook_request, m
 from conftest import post_hook
 from fake_ehr import FakeEHR
 from flask.testing import FlaskClient
-from test_order_sign import check_response_shape
+from hookcalls import check_response_shape
 
 
 @pytest.fixture

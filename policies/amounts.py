@@ -1,0 +1,136 @@
+"""The amounts a MedicationRequest asks for, read from its dosage, its dispense request and its infusion rates.
+
+Each figure is ``(amount, unit, how)``: the amount over a window of days, the unit it is in (UCUM), and a short text
+saying how it was computed. Problems (a unit we cannot convert, a dosage without timing) are returned beside the
+figures so that a caller can say why a figure is missing; nothing here guesses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fhir_mappings import units
+
+PERIOD_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1.0, "wk": 7.0, "mo": 30.0, "a": 365.0}
+Figure = tuple[float, str, str]
+
+
+def days(q: Any) -> float | None:
+    """A duration Quantity in days, or None."""
+    if isinstance(q, Mapping) and isinstance(q.get("value"), int | float):
+        unit = q.get("code") or q.get("unit")
+        try:
+            return float(q["value"]) * PERIOD_DAYS[units.ucum(str(unit))]
+        except (units.UnitError, KeyError):
+            return None
+    return None
+
+
+def _known_unit(q: Any) -> str | None:
+    if not isinstance(q, Mapping) or not isinstance(q.get("value"), int | float) or isinstance(q.get("value"), bool):
+        return None
+    unit = units.quantity_unit(q)
+    return units.ucum(unit) if unit and units.is_known(unit) else None
+
+
+def _max_per_day(di: Mapping[str, Any], unit: str) -> float | None:
+    """The dosage's maxDosePerPeriod as an amount per day in ``unit`` (PRN orders), when it can be read."""
+    ratio = di.get("maxDosePerPeriod")
+    if not isinstance(ratio, Mapping):
+        return None
+    numerator, denominator = ratio.get("numerator"), ratio.get("denominator")
+    num_unit, period = _known_unit(numerator), days(denominator)
+    if num_unit is None or not period:
+        return None
+    try:
+        return units.convert(float(numerator["value"]), num_unit, unit) / period  # type: ignore[index]
+    except units.UnitError:
+        return None
+
+
+def dosage_figures(order: Mapping[str, Any], window: float) -> tuple[list[Figure], list[str]]:
+    """Dose × administrations per day × days in the window, capped by maxDosePerPeriod, boundsDuration and count."""
+    figures: list[Figure] = []
+    problems: list[str] = []
+    for di in order.get("dosageInstruction") or ():
+        repeat = ((di.get("timing") or {}).get("repeat")) or {}
+        for dr in di.get("doseAndRate") or ():
+            dq = dr.get("doseQuantity") or (dr.get("doseRange") or {}).get("high")
+            if not isinstance(dq, Mapping) or not isinstance(dq.get("value"), int | float):
+                continue
+            unit = _known_unit(dq)
+            if unit is None:
+                problems.append(f"dose unit {units.quantity_unit(dq)!r} is not one we can convert")
+                continue
+            freq = repeat.get("frequencyMax") or repeat.get("frequency") or 1
+            period, punit = repeat.get("period"), repeat.get("periodUnit")
+            if not isinstance(period, int | float) or punit not in PERIOD_DAYS or period <= 0:
+                problems.append("the dosage has no timing period to compute an amount per day")
+                continue
+            per_day = float(dq["value"]) * float(freq) / (float(period) * PERIOD_DAYS[punit])
+            how = f"{dq['value']:g} {unit} × {freq:g} every {period:g} {punit}"
+            cap = _max_per_day(di, unit)
+            if cap is not None and cap < per_day:
+                per_day, how = cap, f"{how}, at most {cap:g} {unit} a day"
+            total = per_day * window
+            bounds = days(repeat.get("boundsDuration"))
+            if bounds is not None:
+                total = min(total, per_day * bounds)
+            if isinstance(repeat.get("count"), int):
+                total = min(total, float(dq["value"]) * (repeat.get("countMax") or repeat["count"]))
+            figures.append((total, unit, how))
+    return figures, problems
+
+
+def dispense_figure(
+    order: Mapping[str, Any], window: float, *, unitless: str | None = None
+) -> tuple[Figure | None, list[str]]:
+    """Quantity per fill × fills in the window (fills allowed, spread over expectedSupplyDuration; one fill when no
+    supply duration is given). ``unitless`` names the unit of a quantity sent without one (e.g. billing units)."""
+    disp = order.get("dispenseRequest") or {}
+    qty = disp.get("quantity")
+    if not isinstance(qty, Mapping) or not isinstance(qty.get("value"), int | float):
+        return None, []
+    unit = _known_unit(qty) or (unitless if not (qty.get("unit") or qty.get("code")) else None)
+    if unit is None:
+        return None, [f"dispense quantity unit {units.quantity_unit(qty)!r} is not one we can convert"]
+    fills_allowed = 1 + int(disp.get("numberOfRepeatsAllowed") or 0)
+    supply = days(disp.get("expectedSupplyDuration"))
+    if supply:
+        fills = window / supply if supply > window else min(float(fills_allowed), max(1.0, window / supply))
+    else:
+        fills = 1.0
+    how = f"dispense {qty['value']:g} {unit}" + (f" × {fills:g} fills" if fills != 1 else "")
+    return (float(qty["value"]) * fills, unit, how), []
+
+
+def rate_figures(order: Mapping[str, Any]) -> tuple[list[tuple[float, str]], list[str]]:
+    """Infusion rates (rateQuantity, rateRatio, rateRange high) as (value, unit), e.g. (5, "ug/min")."""
+    out: list[tuple[float, str]] = []
+    problems: list[str] = []
+    for di in order.get("dosageInstruction") or ():
+        for dr in di.get("doseAndRate") or ():
+            rq = dr.get("rateQuantity") or (dr.get("rateRange") or {}).get("high")
+            if isinstance(rq, Mapping):
+                unit = _known_unit(rq)
+                if unit is None:
+                    problems.append(f"rate unit {units.quantity_unit(rq)!r} is not one we can convert")
+                else:
+                    out.append((float(rq["value"]), unit))
+            ratio = dr.get("rateRatio")
+            if isinstance(ratio, Mapping):
+                num_unit, period = _known_unit(ratio.get("numerator")), days(ratio.get("denominator"))
+                if num_unit is None or not period:
+                    problems.append("the rate ratio cannot be read")
+                    continue
+                try:
+                    per_min = units.convert(float(ratio["numerator"]["value"]), num_unit, "ug") / (period * 1440)
+                    out.append((per_min, "ug/min"))
+                except units.UnitError:
+                    try:  # a per-kg numerator (mcg/kg per minute)
+                        per_min = units.convert(float(ratio["numerator"]["value"]), num_unit, "ug/kg") / (period * 1440)
+                        out.append((per_min, "ug/kg/min"))
+                    except units.UnitError as exc:
+                        problems.append(str(exc))
+    return out, problems

@@ -1,0 +1,53 @@
+"""Calling the hook services in tests, and what every response must satisfy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from builders import COVERAGE_INFO, coverage_info
+from conftest import BASE, post_hook
+from flask.testing import FlaskClient
+
+from cds.coverage_info import problems
+
+
+def check_response_shape(body: dict[str, Any]) -> None:
+    """What every response must satisfy (CDS Hooks 2.0, CRD 2.2 and the CRD 2.0.1 shape Inferno validates)."""
+    assert isinstance(body["cards"], list)
+    for card in body["cards"]:
+        assert len(card["summary"]) < 140
+        assert card["indicator"] in ("info", "warning", "critical")
+        assert card["source"]["label"]
+        assert card["source"]["topic"]["system"] and card["source"]["topic"]["code"]
+        assert card["uuid"]
+        for suggestion in card.get("suggestions", []):
+            assert suggestion["uuid"] and suggestion["label"]
+            assert card["selectionBehavior"] in ("at-most-one", "any")
+            for action in suggestion["actions"]:
+                assert action["type"] in ("create", "update", "delete") and action["description"]
+        for link in card.get("links", []):
+            assert link["type"] == "absolute" and link["url"].startswith("http")
+    for action in body.get("systemActions", []):
+        assert action["type"] == "update" and action["description"]
+        ext = [e for e in action["resource"]["extension"] if e["url"] == COVERAGE_INFO]
+        assert ext and not problems(ext[-1]), problems(ext[-1])
+        names = {s["url"] for s in ext[-1]["extension"]}
+        assert not names & {"detail", "contact", "expiry-date"}, "shape must also validate under CRD 2.0.1"
+    assert "systemActions" not in body or body["systemActions"], "never an empty systemActions array"
+
+
+def decide(
+    client: FlaskClient, body: dict[str, Any], service: str = "order-sign"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The response of a call with one MedicationRequest, and its coverage-information as {url: [values]}."""
+    resp = post_hook(client, body, service)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    data = resp.get_json()
+    check_response_shape(data)
+    return data, coverage_info(data["systemActions"][0]["resource"])
+
+
+def asked(client: FlaskClient, info: dict[str, Any]) -> list[str]:
+    """The linkIds the Questionnaire named by the coverage-information asks."""
+    url = info["questionnaire"][0].split("|")[0].removeprefix(BASE)
+    return [i["linkId"] for i in client.get(url).get_json()["item"] if i["type"] != "display"]

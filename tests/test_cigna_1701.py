@@ -1,0 +1,136 @@
+"""Cigna 1701 through the hook: J3490 is shared, so the product comes from the order's NDC, RxNorm or name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from builders import HCPCS, ICD10, UCUM, condition, hook_request, med_order, patient
+from flask.testing import FlaskClient
+from hookcalls import asked, decide
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+NDC = "http://hl7.org/fhir/sid/ndc"
+
+
+def j3490(extra: dict[str, str] | None = None, text: str | None = None, **kw: Any) -> dict[str, Any]:
+    order = med_order(code="J3490", dose=None, **kw)
+    if extra:
+        order["medicationCodeableConcept"]["coding"].append(extra)
+    if text:
+        order["medicationCodeableConcept"]["text"] = text
+    return order
+
+
+def in_encounter(body: dict[str, Any], klass: str, **extra: Any) -> dict[str, Any]:
+    """The request, given during an encounter of this class (prefetched as `encounter`)."""
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "enc-1",
+        "status": "in-progress",
+        "subject": {"reference": "Patient/pat-1"},
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": klass},
+        **extra,
+    }
+    body["prefetch"]["encounter"] = encounter
+    body["context"]["encounterId"] = "enc-1"
+    return body
+
+
+def test_an_unlisted_drug_under_j3490_falls_back_to_the_general_criteria(client: FlaskClient) -> None:
+    _, info = decide(client, hook_request([j3490(text="Some compounded product")]))
+    assert info["pa-needed"] == ["auth-needed"] and info["reason"][0]["text"].startswith("cigna-1701|1:")
+    assert asked(client, info) == ["C1701-1A", "C1701-1B"]
+
+
+def test_ketamine_for_depression_is_not_covered(client: FlaskClient) -> None:
+    order = j3490(
+        {"system": NDC, "code": "42023-0113-10"}, reasonCode=[{"coding": [{"system": ICD10, "code": "F33.2"}]}]
+    )
+    data, info = decide(client, hook_request([order]))
+    assert info["covered"] == ["not-covered"] and "C1701-Ketalar-NC.2" in info["reason"][0]["text"]
+
+
+def test_ketamine_with_depression_only_on_the_problem_list_is_asked_about(client: FlaskClient) -> None:
+    order = j3490({"system": RXNORM, "code": "6130"})
+    _, info = decide(client, hook_request([order], conditions=[condition("F33.2")]))
+    assert info["pa-needed"] == ["auth-needed"]
+    assert asked(client, info)[0] == "C1701-Ketalar-MNC"
+
+
+def test_dsuvia_over_36_tablets_in_72_hours_is_reviewed(client: FlaskClient) -> None:
+    order = j3490(
+        {"system": RXNORM, "code": "2103192"},
+        dispenseRequest={"quantity": {"value": 48, "unit": "tablet", "system": UCUM, "code": "{tbl}"}},
+    )
+    body = in_encounter(hook_request([order]), "EMER")
+    data, info = decide(client, body)
+    assert info["pa-needed"] == ["auth-needed"]
+    assert "the dose also exceeds the limit" in info["reason"][0]["text"] and "48" in info["reason"][0]["text"]
+    card = next(c for c in data["cards"] if c["source"]["topic"]["code"] == "therapy-alternatives-opt")
+    assert card["suggestions"][0]["actions"][0]["resource"]["dispenseRequest"]["quantity"]["value"] == 36
+
+
+def test_dsuvia_at_home_is_not_covered(client: FlaskClient) -> None:
+    order = j3490({"system": RXNORM, "code": "2103192"})
+    body = in_encounter(hook_request([order]), "HH")
+    _, info = decide(client, body)
+    assert info["covered"] == ["not-covered"] and "C1701-Dsuvia-2" in info["reason"][0]["text"]
+
+
+def test_macrilen_for_a_bmi_over_40_is_not_covered(client: FlaskClient) -> None:
+    from builders import observation
+
+    order = j3490(
+        {"system": NDC, "code": "58844-0130-01"}, reasonCode=[{"coding": [{"system": ICD10, "code": "E23.0"}]}]
+    )
+    _, info = decide(client, hook_request([order], observations=[observation("39156-5", 43, "kg/m2")]))
+    assert info["covered"] == ["not-covered"] and "C1701-Macrilen-2" in info["reason"][0]["text"]
+
+
+def test_regiocit_is_known_by_its_name_and_needs_a_critical_care_setting(client: FlaskClient) -> None:
+    order = j3490(text="Regiocit replacement solution 5000 mL")
+    crrt = {
+        "resourceType": "Procedure",
+        "id": "proc-crrt",
+        "status": "in-progress",
+        "subject": {"reference": "Patient/pat-1"},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "714749008"}]},
+    }
+    icu = {
+        "resourceType": "Location",
+        "id": "loc-icu",
+        "type": [
+            {
+                "coding": [
+                    {"system": "https://www.cdc.gov/nhsn/cdaportal/terminology/codesystem/hsloc.html", "code": "1027-2"}
+                ]
+            }
+        ],
+    }
+    from builders import bundle
+
+    body = hook_request(
+        [order], the_patient=patient("1970-05-05"), prefetch={"procedures": bundle(crrt), "locations": bundle(icu)}
+    )
+    body = in_encounter(body, "IMP", location=[{"location": {"reference": "Location/loc-icu"}}])
+    _, info = decide(client, body)
+    assert info["reason"][0]["text"].startswith("cigna-1701|1:")
+    assert asked(client, info) == ["C1701-Regiocit-1.rca"]  # adult, CRRT and the ICU are on record
+
+
+def test_isoproterenol_above_the_usual_rate_is_reviewed(client: FlaskClient) -> None:
+    order = j3490(
+        {"system": NDC, "code": "0548-9501-00"},
+        dosageInstruction=[
+            {"doseAndRate": [{"rateQuantity": {"value": 30, "unit": "mcg/min", "system": UCUM, "code": "ug/min"}}]}
+        ],
+    )
+    _, info = decide(client, hook_request([order], conditions=[condition("I47.21")]))
+    assert info["pa-needed"] == ["auth-needed"] and "C1701-Isuprel-9.dosing" in info["reason"][0]["text"]
+
+
+def test_the_hcpcs_alone_does_not_pick_a_named_product(client: FlaskClient) -> None:
+    order = med_order(code="J3490", dose=None)
+    order["medicationCodeableConcept"] = {"coding": [{"system": HCPCS, "code": "J3490"}]}
+    _, info = decide(client, hook_request([order]))
+    assert asked(client, info) == ["C1701-1A", "C1701-1B"]
