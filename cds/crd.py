@@ -21,48 +21,15 @@ from cds.errors import DataUnavailable
 from cds.fhirclient import FhirClient
 from cds.hookrequest import HookRequest, validate_resource
 from cds.payers import CoverageChoice, choose_coverage
-from cds.prefetch import SOURCES, DataSource, Fetched
+from cds.prefetch import SOURCE_ORDER, SOURCES, DataSource, Fetched, sources_of
 from cds.runtime import Runtime
 from cds.store import AssertionRecord, PriorAuth
 from fhir_mappings import systems
 from fhir_mappings.extract import ClinicalData, FactFinder, medication_codings
-from fhir_mappings.loader import Mappings
 from policies import explain
 from policies.engine import Decision, Determination, evaluate
 from policies.model import Product
-from policies.needs import inputs_of
 from policies.questions import Question, open_questions
-
-# where each kind of input is read from (cds.prefetch.SOURCES names the prefetch keys of each source)
-KIND_SOURCES = {
-    "age": "patient",
-    "condition": "conditions",
-    "order_reason": "conditions",
-    "lab": "observations",
-    "lab_code": "observations",
-    "specialty": "practitioners",
-    "medication_history": "medication_history",
-    "procedure": "procedures",
-    "setting": "encounter",
-}
-SOURCE_ORDER = (
-    "patient",
-    "encounter",
-    "practitioners",
-    "conditions",
-    "observations",
-    "medication_history",
-    "procedures",
-)
-DECISION_SOURCES = (
-    "patient",
-    "practitioners",
-    "conditions",
-    "observations",
-    "medication_history",
-    "procedures",
-    "encounter",
-)
 
 
 @dataclass(frozen=True)
@@ -299,15 +266,6 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
     det = evaluate(policy, product, rt.mappings, FactFinder(rt.mappings, clinical), order, ctx.today)
     failed = {n: f.note for n, f in data.items() if f.status == "failed"}
     return _finish(ctx, _from_determination(replace(job, drug=product.title), det, failed))
-
-
-def sources_of(mappings: Mappings, product: Product) -> frozenset[str]:
-    """The sources a product's inputs read (inputs of kind drug or answer read none)."""
-    return frozenset(
-        KIND_SOURCES[mappings.inputs[name].kind]
-        for name in inputs_of(product)
-        if mappings.inputs[name].kind in KIND_SOURCES
-    )
 
 
 def _of(fetched: Fetched, *types: str) -> tuple[Mapping[str, Any], ...]:

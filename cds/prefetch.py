@@ -19,6 +19,8 @@ from cds.fhirclient import FhirClient, FhirReadError, bundle_resources
 from cds.hookrequest import HookRequest
 from fhir_mappings import systems
 from fhir_mappings.loader import Mappings
+from policies.model import Product
+from policies.needs import inputs_of
 
 TOKEN = re.compile(r"\{\{\s*context\.([A-Za-z]+)\s*\}\}")
 
@@ -33,6 +35,35 @@ SOURCES: Mapping[str, tuple[str, ...]] = {
     "procedures": ("procedures",),
     "encounter": ("encounter",),
 }
+
+
+# where each kind of policy input is read from (drug and answer inputs read no source)
+KIND_SOURCES: Mapping[str, str] = {
+    "age": "patient",
+    "condition": "conditions",
+    "order_reason": "conditions",
+    "lab": "observations",
+    "lab_code": "observations",
+    "specialty": "practitioners",
+    "medication_history": "medication_history",
+    "procedure": "procedures",
+    "setting": "encounter",
+}
+SOURCE_ORDER = (
+    "patient",
+    "encounter",
+    "practitioners",
+    "conditions",
+    "observations",
+    "medication_history",
+    "procedures",
+)
+
+
+def sources_of(mappings: Mappings, product: Product) -> frozenset[str]:
+    """The sources a product's inputs read: what a decision under it must fetch, and nothing more."""
+    kinds = (mappings.inputs[name].kind for name in inputs_of(product))
+    return frozenset(KIND_SOURCES[k] for k in kinds if k in KIND_SOURCES)
 
 
 def order_prefetch(mappings: Mappings) -> dict[str, str]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
+from cds import hookrequest
 from cds.errors import CdsError, InvalidRequest, NotFound, UnsupportedMedia, to_operation_outcome
 from cds.hookrequest import load_json
 from cds.registry import ServiceDefinition
@@ -72,8 +73,6 @@ def invoke(service_id: str) -> Response:
     queried: list[str] = []
     try:
         _require_json()
-        from cds import hookrequest
-
         parsed = hookrequest.parse(raw, service.hook)
         hook_instance = parsed.hook_instance
         outcome = service.handle(rt, parsed)

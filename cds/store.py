@@ -189,6 +189,7 @@ class Store:
         self._engine: Engine | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        self._published: set[str] = set()  # Questionnaire ids this process has saved (they never change)
 
     @property
     def engine(self) -> Engine:
@@ -384,6 +385,8 @@ class Store:
     # --- questionnaires ---------------------------------------------------------------------------------------------
     def save_questionnaire(self, qid: str, policy: str, resource: Mapping[str, Any]) -> None:
         """Publish a Questionnaire; its id is a hash of its content, so saving it again changes nothing."""
+        if qid in self._published:
+            return
         try:
             with self.engine.begin() as conn:
                 conn.execute(
@@ -393,6 +396,7 @@ class Store:
                 )
         except IntegrityError:
             pass
+        self._published.add(qid)
 
     def questionnaire(self, qid: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

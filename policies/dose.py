@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from cds.constants import COVERAGE_INFO_URL
 from fhir_mappings import systems, units
 from policies import amounts
 from policies.model import DoseRule, State
@@ -29,7 +30,6 @@ from policies.model import DoseRule, State
 if TYPE_CHECKING:
     from policies.engine import Answers, Facts
 
-COVERAGE_INFO_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
 WEIGHT = "obs.body_weight"
 AGE = "age_years"
 
