@@ -57,11 +57,20 @@ class Target:
         return h
 
 
-def send(conn: http.client.HTTPConnection, target: Target) -> int:
-    conn.request("POST", target.path, body=target.body, headers=target.headers())
-    resp = conn.getresponse()
-    resp.read()
-    return resp.status
+def connect(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+
+def send(conn: http.client.HTTPConnection, port: int, target: Target) -> tuple[http.client.HTTPConnection, int]:
+    """POST the target; a broken connection is replaced and the request counts as an error (status 0)."""
+    try:
+        conn.request("POST", target.path, body=target.body, headers=target.headers())
+        resp = conn.getresponse()
+        resp.read()
+        return conn, resp.status
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return connect(port), 0
 
 
 def open_loop(port: int, target: Target, rate: float, seconds: float, threads: int = 24) -> dict[str, float]:
@@ -72,7 +81,7 @@ def open_loop(port: int, target: Target, rate: float, seconds: float, threads: i
     lock = threading.Lock()
 
     def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = connect(port)
         while True:
             try:
                 scheduled = jobs.get(timeout=seconds + 30)
@@ -83,12 +92,7 @@ def open_loop(port: int, target: Target, rate: float, seconds: float, threads: i
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            try:
-                status = send(conn, target)
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                status = 0
+            conn, status = send(conn, port, target)
             done = time.perf_counter()
             with lock:
                 latencies.append(done - scheduled)
@@ -117,15 +121,10 @@ def closed_loop(port: int, target: Target, connections: int, seconds: float) -> 
     stop = time.perf_counter() + seconds
 
     def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = connect(port)
         while time.perf_counter() < stop:
             began = time.perf_counter()
-            try:
-                status = send(conn, target)
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                status = 0
+            conn, status = send(conn, port, target)
             with lock:
                 latencies.append(time.perf_counter() - began)
                 if status != 200:

@@ -317,8 +317,7 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
                 det,
                 questions=questions,
             )
-        questionnaire = questionnaires.build(policy, product, questions, rt.base_url)
-        rt.store.save_questionnaire(questionnaire["id"], policy.ref, questionnaire)
+        questionnaire = _publish(rt, det, questions)
         info = stamp.info(
             covered="conditional",
             pa_needed="auth-needed",
@@ -341,8 +340,7 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
             det,
             questions=questions,
         )
-    questionnaire = questionnaires.build(policy, product, questions, rt.base_url)
-    rt.store.save_questionnaire(questionnaire["id"], policy.ref, questionnaire)
+    questionnaire = _publish(rt, det, questions)
     draft = questionnaires.draft_response(
         questionnaire,
         questions,
@@ -378,6 +376,13 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
         questionnaires=(questionnaires.canonical(questionnaire),),
     )
     return job.result(info, det, questions=questions, questionnaire=questionnaire, draft_response=draft)
+
+
+def _publish(rt: Runtime, det: Determination, questions: tuple[Question, ...]) -> dict[str, Any]:
+    """The Questionnaire for the open questions, stored so that its canonical resolves."""
+    questionnaire = questionnaires.build(det.policy, det.product, questions, rt.base_url)
+    rt.store.save_questionnaire(questionnaire["id"], det.policy.ref, questionnaire)
+    return questionnaire
 
 
 def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], ...]) -> Assessed:

@@ -136,6 +136,11 @@ def codings(concept: Any) -> Iterable[Mapping[str, Any]]:
                 yield c
 
 
+def all_codings(concepts: Any) -> list[Mapping[str, Any]]:
+    """The codings of a list of CodeableConcepts (e.g. Encounter.type)."""
+    return [c for concept in concepts or () for c in codings(concept)]
+
+
 def medication_codings(
     resource: Mapping[str, Any], medications: Iterable[Mapping[str, Any]] = (), names: frozenset[str] = frozenset()
 ) -> list[Mapping[str, Any]]:
@@ -459,14 +464,14 @@ class FactFinder:
         Known codes that match no row mean the setting is another one (false); no codes at all mean unknown."""
         order, enc = self.data.order, self.data.encounter
         where: list[tuple[str, list[Mapping[str, Any]]]] = [
-            (f"{ref(order)}#category", [c for concept in order.get("category") or () for c in codings(concept)])
+            (f"{ref(order)}#category", all_codings(order.get("category")))
         ]
         if enc is not None:
             klass = enc.get("class")
             where.append((ref(enc), [klass] if isinstance(klass, Mapping) else []))
-            where.append((ref(enc), [c for concept in enc.get("type") or () for c in codings(concept)]))
+            where.append((ref(enc), all_codings(enc.get("type"))))
         for loc in self.data.locations:
-            where.append((ref(loc), [c for concept in loc.get("type") or () for c in codings(concept)]))
+            where.append((ref(loc), all_codings(loc.get("type"))))
         proof, partial = self._coded(spec, where)
         known = [r for r, concepts in where if concepts]
         if proof:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from cds.constants import COVERAGE_INFO_URL
 from fhir_mappings import systems, units
+from fhir_mappings.extract import codings
 from policies import amounts
 from policies.model import DoseRule, State
 
@@ -280,13 +281,18 @@ def _check_units(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers
 # --- weight_band ---
 
 
+def _vials(kg: float, params: Mapping[str, Any]) -> int:
+    """Vials for a body weight: ceil(weight × mL per kg / mL per vial)."""
+    return math.ceil(kg * float(params["ml_per_kg"]) / float(params["ml_per_vial"]) - 1e-9)
+
+
 def _check_band(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
     kg, evidence, weight_note = _weight(rule, facts, answers, today)
     if kg is None:
         return DoseResult(
             rule, State.UNKNOWN, f"the kit depends on the body weight ({weight_note})", evidence, ask="weight"
         )
-    vials = math.ceil(kg * float(rule.params["ml_per_kg"]) / float(rule.params["ml_per_vial"]) - 1e-9)
+    vials = _vials(kg, rule.params)
     table = {int(row["vials"]): row for row in rule.params["table"]}
     row = table.get(vials)
     if row is None:
@@ -294,7 +300,11 @@ def _check_band(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers:
             rule, State.NOT_MET, f"{kg:g} kg needs {vials} vials; no kit in the table has that many", evidence
         )
     wanted = systems.ndc_keys(str(row["ndc"]))[0]
-    ordered = [c for c in order_codings(order) if systems.canonical_system(c.get("system")) == systems.NDC]
+    ordered = [
+        c
+        for c in codings(order.get("medicationCodeableConcept"))
+        if systems.canonical_system(c.get("system")) == systems.NDC
+    ]
     keys = {k for c in ordered for k in systems.ndc_keys(str(c.get("code", "")))}
     note = f"{kg:g} kg: {vials} vials, kit {wanted} (weight {row['min_kg']}–{row['max_kg']} kg)"
     if not ordered:
@@ -317,11 +327,6 @@ def _check_band(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers:
     )
 
 
-def order_codings(order: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    concept = order.get("medicationCodeableConcept") or {}
-    return [c for c in concept.get("coding") or () if isinstance(c, Mapping)]
-
-
 def _validate_band(params: Mapping[str, Any]) -> str | None:
     table = params.get("table")
     if not isinstance(table, list) or not table:
@@ -332,7 +337,7 @@ def _validate_band(params: Mapping[str, Any]) -> str | None:
             return f"table[{i}] needs vials, min_kg, max_kg and ndc"
         if len(systems.ndc_keys(str(row["ndc"]))) != 1:
             return f"table[{i}]: write the NDC as 5-4-2"
-        expected = math.ceil(float(row["max_kg"]) * float(params["ml_per_kg"]) / float(params["ml_per_vial"]) - 1e-9)
+        expected = _vials(float(row["max_kg"]), params)
         if expected != row["vials"]:
             return f"table[{i}]: {row['max_kg']} kg needs {expected} vials, the row says {row['vials']}"
         if row["vials"] in seen:
@@ -404,10 +409,6 @@ def _validate_rate(params: Mapping[str, Any]) -> str | None:
 
 
 # --- registry ---
-
-
-def _text(rule: DoseRule) -> str:
-    return rule.text or f"The order is within {rule.id}"
 
 
 DOSE_KINDS: Mapping[str, DoseKind] = {

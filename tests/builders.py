@@ -97,6 +97,12 @@ def practitioner(pid: str = "pract-1") -> dict[str, Any]:
     return {"resourceType": "Practitioner", "id": pid, "name": [{"family": "Prescriber"}]}
 
 
+def ehr_chart() -> tuple[dict[str, Any], ...]:
+    """What the EHR's FHIR server holds for the standard patient, for hooks that query it instead of prefetching:
+    acquired hemophilia (D68.311), 70 kg, a hematologist prescribing, Cigna coverage."""
+    return (patient(), coverage(), condition("D68.311"), observation("29463-7", 70, "kg"), role(), practitioner())
+
+
 def med_order(
     code: str = "J7189",
     system: str = HCPCS,

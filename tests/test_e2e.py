@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from builders import condition, coverage, coverage_info, hook_request, med_order, observation, patient, role
+from builders import condition, coverage_info, ehr_chart, hook_request, med_order, role
 from conftest import TEST_ISS, ClientKey
 from fake_ehr import FakeEHR
 
@@ -66,14 +66,7 @@ class Server:
 @pytest.fixture(scope="module")
 def ehr() -> Iterator[FakeEHR]:
     with FakeEHR() as server:
-        server.add(
-            patient(),
-            coverage(),
-            condition("D68.311"),
-            observation("29463-7", 70, "kg"),
-            role(),
-            {"resourceType": "Practitioner", "id": "pract-1"},
-        )
+        server.add(*ehr_chart())
         yield server
 
 

@@ -6,7 +6,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from builders import bundle, condition, coverage, coverage_info, hook_request, med_order, observation, patient, role
+from builders import (
+    bundle,
+    condition,
+    coverage,
+    coverage_info,
+    ehr_chart,
+    hook_request,
+    med_order,
+)
 from conftest import post_hook
 from fake_ehr import FakeEHR
 from flask.testing import FlaskClient
@@ -16,14 +24,7 @@ from hookcalls import check_response_shape
 @pytest.fixture
 def ehr() -> Iterator[FakeEHR]:
     with FakeEHR() as server:
-        server.add(
-            patient(),
-            coverage(),
-            condition("D68.311"),
-            observation("29463-7", 70, "kg"),
-            role(),
-            {"resourceType": "Practitioner", "id": "pract-1"},
-        )
+        server.add(*ehr_chart())
         yield server
 
 
