@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from builders import HCPCS, ICD10, UCUM, condition, hook_request, med_order, patient
+from builders import HCPCS, ICD10, NDC, RXNORM, SCT, UCUM, condition, hook_request, med_order, patient
 from flask.testing import FlaskClient
 from hookcalls import asked, decide
-
-RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-NDC = "http://hl7.org/fhir/sid/ndc"
 
 
 def j3490(extra: dict[str, str] | None = None, text: str | None = None, **kw: Any) -> dict[str, Any]:
@@ -94,7 +91,7 @@ def test_regiocit_is_known_by_its_name_and_needs_a_critical_care_setting(client:
         "id": "proc-crrt",
         "status": "in-progress",
         "subject": {"reference": "Patient/pat-1"},
-        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "714749008"}]},
+        "code": {"coding": [{"system": SCT, "code": "714749008"}]},
     }
     icu = {
         "resourceType": "Location",

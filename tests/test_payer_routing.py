@@ -7,6 +7,8 @@ from typing import Any
 from builders import (
     HCPCS,
     LOINC,
+    NDC,
+    SCT,
     condition,
     coverage,
     hook_request,
@@ -15,9 +17,6 @@ from builders import (
 )
 from flask.testing import FlaskClient
 from hookcalls import asked, decide
-
-NDC = "http://hl7.org/fhir/sid/ndc"
-SCT = "http://snomed.info/sct"
 
 
 def qualitative(loinc: str, negative: bool, when: str = "2026-11-01") -> dict[str, Any]:
