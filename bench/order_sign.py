@@ -173,7 +173,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each run (default 20)")
     parser.add_argument("--connections", type=int, default=8, help="closed-loop connections (default 8)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
-    parser.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker (default 8, as cds serve)")
     parser.add_argument(
         "--only", nargs="*", help="load only these policy folders (to show the cost is flat in their number)"
     )

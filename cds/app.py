@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
 from cds import fhir_api, hooks, pages, routes
 from cds.auth import Verifier, client_from_config, fetch_jwks
 from cds.config import Config, load_config
 from cds.demo import demo_client
-from cds.errors import CdsError, ConfigError, NotFound, to_operation_outcome
+from cds.errors import CdsError, ConfigError, status_error, to_operation_outcome
 from cds.payers import PayerRegistry
 from cds.prefetch import order_prefetch
 from cds.runtime import Runtime, random_id, random_pa_id, utc_now
@@ -29,6 +29,8 @@ from fhir_mappings.loader import load_mappings
 from policies.loader import load_policies
 
 log = logging.getLogger("cds")
+
+MAX_REQUEST_TARGET = 4000  # characters of path and query; CDS Hooks and FHIR URLs are a few hundred at most
 
 
 def _check_payers(config: Config, known: set[str]) -> None:
@@ -108,18 +110,29 @@ def _error(error: CdsError) -> Response:
     return routes.json_response(to_operation_outcome(error), error.http_status)
 
 
+def _limit_request_target() -> None:
+    """414 for a request target (path and query) over MAX_REQUEST_TARGET characters, whatever server runs the app.
+
+    Under ``cds serve`` gunicorn refuses a request line over 4,094 bytes before the app sees it (in the same shape,
+    see :mod:`cds.server`); this limit sits just below that, so the answer does not depend on the server's."""
+    env = request.environ
+    target = env.get("RAW_URI") or env.get("REQUEST_URI") or request.full_path
+    if len(target) > MAX_REQUEST_TARGET:
+        raise RequestURITooLarge(
+            f"The request target has {len(target)} characters; at most {MAX_REQUEST_TARGET} are accepted"
+        )
+
+
 def _register_errors(app: Flask) -> None:
+    app.before_request(_limit_request_target)
+
     @app.errorhandler(CdsError)
     def cds_error(exc: CdsError) -> Response:
         return _error(exc)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        err = NotFound(exc.description or "Not found") if status == 404 else CdsError(exc.description or exc.name)
-        err.http_status = status
-        err.issue_code = {404: "not-found", 405: "not-supported", 413: "too-long"}.get(status, "invalid")
-        return _error(err)
+        return _error(status_error(exc.code or 500, exc.description or exc.name))
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

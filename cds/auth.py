@@ -4,6 +4,9 @@ The token must come from an allow-listed ``iss``, be signed ES384 or RS384 by a 
 in the configuration, or fetched from its ``jwks_url`` and cached; a ``jku`` header must name that same URL), be
 addressed to the exact URL invoked (``aud``), be current (``exp``, ``iat``), and carry a ``jti`` not seen before.
 Any failure is a bare 401: the reason is kept on the exception for tests and never sent or logged with the token.
+
+A JWK Set is fetched within a hard deadline and size cap (:mod:`cds.upstream`), one fetch per issuer at a time and
+never under a lock other issuers wait on: while a set is being refreshed, callers use the one they have.
 """
 
 from __future__ import annotations
@@ -13,17 +16,22 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
-import requests
 
-from cds.errors import Unauthorized
+from cds import jsonsafe
+from cds.errors import MalformedJson, Unauthorized
 from cds.store import Store
+from cds.upstream import Reader, UpstreamError, origin_of
 
-ALGORITHMS = ("ES384", "RS384")
+# the key each algorithm must be: a token whose header names one algorithm is never checked with another kind of key
+ALGORITHMS: Mapping[str, tuple[str, str | None]] = {"ES384": ("EC", "P-384"), "RS384": ("RSA", None)}
+JWKS_SECONDS = 2.0  # the whole fetch of a JWK Set, connect to last byte
+JWKS_MAX_BYTES = 256_000
+MAX_TOKEN_CHARS = 8_000  # a CDS Hooks JWT is a few hundred characters
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,50 @@ class TrustedClient:
     jwks: Mapping[str, Any] | None = None  # inline JWK Set
     jwks_url: str | None = None
     tenant: str | None = None
+    fhir_servers: tuple[str, ...] = field(default=())  # FHIR base URLs it may name in fhirServer
 
 
 def fetch_jwks(url: str) -> Mapping[str, Any]:
-    resp = requests.get(url, timeout=(1.0, 2.0), headers={"Accept": "application/json"})
-    resp.raise_for_status()
-    body = resp.json()
+    reader = Reader(
+        connect_timeout=1.0,
+        read_timeout=JWKS_SECONDS,
+        budget_seconds=JWKS_SECONDS,
+        max_bytes=JWKS_MAX_BYTES,
+        headers={"Accept": "application/json"},
+    )
+    try:
+        answer = reader.get(url)
+    except UpstreamError as exc:
+        raise ValueError(str(exc)) from None
+    finally:
+        reader.close()
+    if answer.status != 200:
+        raise ValueError(f"HTTP {answer.status}")
+    body = jsonsafe.loads(answer.body, source="The JWK Set")
     if not isinstance(body, dict) or not isinstance(body.get("keys"), list):
         raise ValueError("not a JWK Set")
     return body
+
+
+@dataclass(frozen=True)
+class _Key:
+    key: Any  # the public key PyJWT verifies with
+    kty: str
+    crv: str | None
+    alg: str | None  # the algorithm the JWK itself names, if any
+
+    def fits(self, alg: str) -> bool:
+        """Whether this is a key of the kind ``alg`` needs (kty, curve) and, when the JWK names one, for ``alg``."""
+        kty, crv = ALGORITHMS[alg]
+        return self.kty == kty and (crv is None or self.crv == crv) and self.alg in (None, alg)
+
+
+@dataclass
+class _KeySet:
+    keys: dict[str, _Key] | None = None  # by kid; None until the first fetch succeeds
+    fetched_at: float = float("-inf")
+    tried_at: float = float("-inf")
+    fetching: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Verifier:
@@ -62,46 +105,61 @@ class Verifier:
         self.cache_seconds = cache_seconds
         self.fetch = fetch
         self.clock = clock or (lambda: datetime.now(UTC))
-        self._keys: dict[str, tuple[float, dict[str, Any]]] = {}  # iss -> (fetched at, {kid: PyJWK})
-        self._lock = threading.Lock()
+        self._sets: dict[str, _KeySet] = {}
+        self._lock = threading.Lock()  # guards the dict only, never held across a fetch
 
-    def _key_set(self, client: TrustedClient, refresh: bool = False) -> dict[str, Any]:
-        if client.jwks is not None:
-            cached = self._keys.get(client.iss)
-            if cached is None:
-                cached = (time.monotonic(), _parse_jwks(client.jwks))
-                self._keys[client.iss] = cached
-            return cached[1]
-        assert client.jwks_url is not None
+    def _key_set(self, client: TrustedClient, refresh: bool = False) -> dict[str, _Key]:
+        """The client's keys. A stale set, or an unknown ``kid`` (at most every 10 s: key rotation, not a fetch per
+        token), refetches; one thread fetches while the others use the set they have (or wait for the first)."""
         with self._lock:
-            cached = self._keys.get(client.iss)
-            fresh = cached is not None and time.monotonic() - cached[0] < self.cache_seconds
-            # a refresh for an unknown kid is allowed at most every 10 seconds (key rotation, not a fetch per token)
-            if cached is not None and fresh and not (refresh and time.monotonic() - cached[0] > 10):
-                return cached[1]
+            entry = self._sets.setdefault(client.iss, _KeySet())
+        if client.jwks is not None:
+            if entry.keys is None:
+                entry.keys = _parse_jwks(client.jwks)
+            return entry.keys
+        assert client.jwks_url is not None
+        asked = time.monotonic()
+        stale = asked - entry.fetched_at >= self.cache_seconds
+        if entry.keys is not None and not (stale or (refresh and asked - entry.tried_at > 10)):
+            return entry.keys
+        if entry.keys is not None:
+            if not entry.fetching.acquire(blocking=False):
+                return entry.keys  # another thread is refreshing it: use what we have
+        elif not entry.fetching.acquire(timeout=JWKS_SECONDS + 1):
+            raise Unauthorized(f"JWK Set of {client.iss} unavailable (its fetch is still running)")
+        try:
+            if entry.tried_at > asked:  # fetched by another thread while this one waited
+                if entry.keys is None:
+                    raise Unauthorized(f"JWK Set of {client.iss} unavailable")
+                return entry.keys
+            entry.tried_at = time.monotonic()
             try:
                 keys = _parse_jwks(self.fetch(client.jwks_url))
             except Exception as exc:  # noqa: BLE001 - any fetch failure is "no key", never a 500
-                if cached is not None:
-                    return cached[1]
+                if entry.keys is not None:
+                    return entry.keys
                 raise Unauthorized(f"JWK Set of {client.iss} unavailable ({exc.__class__.__name__})") from None
-            self._keys[client.iss] = (time.monotonic(), keys)
+            entry.keys, entry.fetched_at = keys, time.monotonic()
             return keys
+        finally:
+            entry.fetching.release()
 
     def verify(self, authorization: str | None, audience: str) -> dict[str, Any]:
         """The verified claims, or :class:`Unauthorized`."""
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("no bearer token")
         token = authorization[7:].strip()
+        if len(token) > MAX_TOKEN_CHARS:
+            raise Unauthorized("token too long")
         try:
             header = jwt.get_unverified_header(token)
-            unverified = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
-        except (jwt.PyJWTError, ValueError, IndexError):
+            unverified = jsonsafe.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="), source="The token")
+        except (jwt.PyJWTError, MalformedJson, ValueError, IndexError, RecursionError):
             raise Unauthorized("not a JWT") from None
         if not isinstance(unverified, dict):
             raise Unauthorized("not a JWT")
         alg = header.get("alg")
-        if alg not in ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALGORITHMS:
             raise Unauthorized(f"algorithm {alg!r} not accepted")
         if header.get("typ") != "JWT":
             raise Unauthorized("typ must be JWT")
@@ -121,6 +179,8 @@ class Verifier:
         key = keys.get(kid)
         if key is None:
             raise Unauthorized("unknown kid")
+        if not key.fits(alg):
+            raise Unauthorized(f"key {kid!r} is not a key for {alg}")
         now = self.clock()
         try:
             claims = jwt.decode(
@@ -132,7 +192,7 @@ class Verifier:
                 leeway=self.leeway,
                 options={"require": ["iss", "aud", "exp", "iat", "jti"]},
             )
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # PyJWT raises TypeError for a key of the wrong kind
             raise Unauthorized(f"rejected: {exc.__class__.__name__}") from None
         iat = claims["iat"]
         if not isinstance(iat, int | float) or iat > now.timestamp() + self.leeway:
@@ -150,22 +210,34 @@ class Verifier:
         return claims
 
 
-def _parse_jwks(raw: Mapping[str, Any]) -> dict[str, Any]:
-    keys: dict[str, Any] = {}
+def _parse_jwks(raw: Mapping[str, Any]) -> dict[str, _Key]:
+    keys: dict[str, _Key] = {}
     for entry in raw.get("keys") or ():
         if not isinstance(entry, Mapping) or not entry.get("kid"):
             continue
         if entry.get("use") not in (None, "sig"):
             continue
         try:
-            keys[str(entry["kid"])] = jwt.PyJWK(dict(entry))
-        except jwt.PyJWTError:
+            jwk = jwt.PyJWK(dict(entry))
+        except (jwt.PyJWTError, TypeError, ValueError):
             continue
+        crv, alg = entry.get("crv"), entry.get("alg")
+        keys[str(entry["kid"])] = _Key(
+            jwk.key, str(jwk.key_type), crv if isinstance(crv, str) else None, alg if isinstance(alg, str) else None
+        )
     return keys
 
 
 def client_from_config(raw: Mapping[str, Any]) -> TrustedClient:
+    """A ``[[clients]]`` table. ``fhir_servers`` defaults to the origin of ``iss`` (none when ``iss`` is no URL)."""
     jwks = raw.get("jwks")
     if isinstance(jwks, str):
         jwks = json.loads(jwks)
-    return TrustedClient(iss=str(raw["iss"]), jwks=jwks, jwks_url=raw.get("jwks_url"), tenant=raw.get("tenant"))
+    iss = str(raw["iss"])
+    servers = raw.get("fhir_servers")
+    if servers is None:
+        own = origin_of(iss)
+        servers = [own] if own else []
+    return TrustedClient(
+        iss=iss, jwks=jwks, jwks_url=raw.get("jwks_url"), tenant=raw.get("tenant"), fhir_servers=tuple(servers)
+    )

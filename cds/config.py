@@ -59,7 +59,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", "Address `cds serve` binds."),
     Setting("port", 8080, "Port `cds serve` binds."),
     Setting("workers", 2, "gunicorn worker processes for `cds serve` (one per core is a good start)."),
-    Setting("threads", 4, "Threads per gunicorn worker (gthread worker class, keep-alive)."),
+    Setting("threads", 8, "Threads per gunicorn worker (gthread worker class, keep-alive)."),
+    Setting(
+        "ehr_calls",
+        4,
+        "Hook calls per worker that may wait on EHR reads at once (at most `threads` - 1); the other threads keep "
+        "serving calls whose prefetch is complete, and a call finding none free is answered without querying.",
+    ),
     Setting("data_dir", "./data", "Directory for the embedded SQLite database and the demo signing key."),
     Setting("database_url", "", "SQLAlchemy URL of the store; empty means SQLite at `{data_dir}/cds.sqlite3`."),
     Setting("auth_required", True, "Verify the CDS Hooks JWT on every hook call (401 otherwise)."),
@@ -75,6 +81,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fhir_read_timeout", 1.5, "Seconds to wait for an EHR FHIR server response."),
     Setting(
         "fhir_total_timeout", 3.0, "Seconds all EHR reads of one hook call may take together; later reads are skipped."
+    ),
+    Setting("fhir_max_response_bytes", 4_000_000, "Largest EHR FHIR response read; a larger one fails that read."),
+    Setting(
+        "fhir_servers",
+        ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+        "FHIR servers a call with no verified client (`auth_required = false`) may name in `fhirServer`; each "
+        "client's own list is its `fhir_servers` in `[[clients]]`. A port `*` matches any port.",
     ),
     Setting("max_request_bytes", 5_000_000, "Largest request body accepted (413 above)."),
     Setting(
@@ -170,8 +183,16 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
     if overrides:
         _merge(values, overrides, "create_app(config)")
     _check_clients(values["clients"])
+    _check_servers("fhir_servers", values["fhir_servers"])
     _check_payers(values["payers"])
     return Config(values)
+
+
+def _check_servers(where: str, servers: Any) -> None:
+    if not isinstance(servers, list) or not all(
+        isinstance(u, str) and u.startswith(("http://", "https://")) for u in servers
+    ):
+        raise ConfigError(f"{where}: must be a list of http(s) base URLs")
 
 
 def _check_clients(clients: list[Any]) -> None:
@@ -181,6 +202,8 @@ def _check_clients(clients: list[Any]) -> None:
             raise ConfigError(f"{where}: each client needs an 'iss'")
         if not client.get("jwks_url") and not client.get("jwks"):
             raise ConfigError(f"{where}: client '{client['iss']}' needs 'jwks_url' or 'jwks'")
+        if "fhir_servers" in client:
+            _check_servers(f"{where}.fhir_servers", client["fhir_servers"])
 
 
 def _check_payers(payers: list[Any]) -> None:

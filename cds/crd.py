@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
@@ -18,10 +19,9 @@ from cds import coverage_info, questionnaires
 from cds.constants import OPTION_UNSOLICITED
 from cds.coverage_info import CoverageInfo, Reason
 from cds.errors import DataUnavailable
-from cds.fhirclient import FhirClient
-from cds.hookrequest import HookRequest, validate_resource
+from cds.hookrequest import HookRequest
 from cds.payers import CoverageChoice, choose_coverage
-from cds.prefetch import SOURCE_ORDER, SOURCES, DataSource, Fetched, sources_of
+from cds.prefetch import SOURCE_ORDER, SOURCES, Fetched, check_resource, open_source, sources_of
 from cds.runtime import Runtime
 from cds.store import AssertionRecord, PriorAuth
 from fhir_mappings import systems
@@ -56,7 +56,7 @@ class Assessed:
     questionnaire: Mapping[str, Any] | None = None
     draft_response: Mapping[str, Any] | None = None
     prior_auth: PriorAuth | None = None
-    new_prior_auth: bool = False
+    new_prior_auth: bool = False  # issued by this call (and already stored: Store.issue_prior_auth)
     unchanged: bool = False  # the order already carries this assertion: no system action (CRD §resp-29)
     notes: tuple[str, ...] = ()
 
@@ -104,19 +104,26 @@ class Assessment:
             )
         return out
 
-    def new_prior_auths(self) -> list[PriorAuth]:
-        return [a.prior_auth for a in self.orders if a.new_prior_auth and a.prior_auth is not None]
-
 
 def patient_key(choice: CoverageChoice, request: HookRequest) -> str:
-    """A stable, non-identifying key for the member: the payer's member id when the Coverage has one."""
-    member = choice.member_id
-    basis = (
-        f"{choice.payer.id}|member|{member}"
-        if member
-        else f"{choice.payer.id}|ehr|{request.fhir_server}|{request.context.get('patientId')}"
-    )
-    return hashlib.sha256(basis.encode()).hexdigest()[:40]
+    """A stable, non-identifying key (a hash; no identifier is stored in clear) for the patient under this Coverage:
+    the payer, who the EHR says the patient is (context.patientId, within the verified client that sent it) and who
+    the Coverage says it covers (:attr:`CoverageChoice.identity`: its id, subscriber and member ids, dependent number
+    and beneficiary). fhirServer is left out: it is optional, and the same order must get the same answer whether its
+    data was prefetched or queried.
+
+    A prior authorization is reused only under the same key, product and policy|version (Store.issue_prior_auth):
+    another member of a family coverage (same subscriberId), or the same patient under another Coverage, gets their
+    own. Keys made before this hashed the payer and member id alone; authorizations stored under them match no
+    lookup any more, so the next approved order-sign for such a patient issues a new one."""
+    basis = [
+        "patient-v2",
+        choice.payer.id,
+        request.client or "",
+        str(request.context.get("patientId") or ""),
+        *choice.identity,
+    ]
+    return hashlib.sha256(json.dumps(basis).encode()).hexdigest()[:40]
 
 
 def _drug_name(order: Mapping[str, Any], found: Sequence[Mapping[str, Any]]) -> str:
@@ -138,15 +145,7 @@ class _Context:
         self.request = request
         self.primary = primary
         self.today: date = rt.clock().date()
-        client = None
-        if request.can_query:
-            client = FhirClient(
-                request.fhir_server or "",
-                request.access_token or "",
-                float(rt.config["fhir_connect_timeout"]),
-                float(rt.config["fhir_read_timeout"]),
-            )
-        self.source = DataSource(request, rt.templates, client, float(rt.config["fhir_total_timeout"]))
+        self.source = open_source(rt, request)
         self._data: dict[str, Fetched] = {}
 
     def locations(self, encounter: Mapping[str, Any] | None) -> tuple[Mapping[str, Any], ...]:
@@ -171,12 +170,13 @@ class _Context:
             self._data[name] = self.source.source(name)
             if name == "patient":
                 for patient in _of(self._data[name], "Patient")[:1]:
-                    validate_resource(patient, "prefetch.patient")
+                    check_resource(patient, "prefetch.patient", self._data[name])
         missing = [n for n in wanted if self._data[n].status == "unavailable"]
         if missing:
             raise DataUnavailable(
-                f"Data for {', '.join(missing)} was neither prefetched nor can it be queried "
-                "(send the prefetch keys from discovery, or fhirServer and fhirAuthorization)"
+                f"Data for {', '.join(missing)} was neither prefetched nor can it be queried: "
+                f"{self.source.why_not} (send the prefetch keys from discovery, or an allowed fhirServer and "
+                "fhirAuthorization)"
             )
         return {n: self._data[n] for n in names if n in self._data}
 
@@ -285,6 +285,17 @@ def _over_limit(det: Determination) -> str:
     return "; ".join(f"{d.id} {d.rule.text}: requested {d.note}" for d in det.doses if d.state.value == "not-met")
 
 
+def _impossible(det: Determination) -> str:
+    """What the order (or the weight) states that no order can mean, e.g. a dose of 0 mcg/kg: the dose rules it leaves
+    undecided, as the first thing the reason says (it is what the prescriber has to correct). Empty when none."""
+    found = "; ".join(f"{d.id}: {d.note}" for d in det.doses if d.impossible)
+    return (
+        f"the order cannot be authorized as written ({found}); correct it and sign again, or it is reviewed; "
+        if found
+        else ""
+    )
+
+
 def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]) -> Assessed:
     ctx, stamp = job.ctx, job.stamp
     rt, policy, product = ctx.rt, det.policy, det.product
@@ -294,7 +305,10 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
         info = stamp.info(covered="not-covered", reasons=(Reason(f"{policy.ref}: {explain.failed_text(det)}"),))
         return job.result(info, det)
     if decision is Decision.DOSE_REVIEW:
-        why = f"{policy.ref}: the dose exceeds the policy limit and will be reviewed case by case ({_over_limit(det)})"
+        why = (
+            f"{policy.ref}: {_impossible(det)}the dose exceeds the policy limit and will be reviewed case by case "
+            f"({_over_limit(det)})"
+        )
         return job.result(
             stamp.info(covered="covered", pa_needed="auth-needed", billing_codes=billing, reasons=(Reason(why),)), det
         )
@@ -332,7 +346,10 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
     if not ctx.primary:
         # secondary hooks never ask for clinical documentation (CRD §hook-19): say what signing will need
         wanted = coverage_info.first_text([f"{q.link_id} {q.text}" for q in questions])
-        why = f"{policy.ref}: prior authorization applies; when the order is signed, documentation will be needed for: "
+        why = (
+            f"{policy.ref}: {_impossible(det)}prior authorization applies; when the order is signed, documentation "
+            "will be needed for: "
+        )
         return job.result(
             stamp.info(
                 covered="covered", pa_needed="auth-needed", billing_codes=billing, reasons=(Reason(why + wanted),)
@@ -353,7 +370,7 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
     if decision is Decision.DOCUMENTATION and product.documentation is not None:
         why = f"{policy.ref}: the criteria are met; {product.documentation.id} {product.documentation.text}"
     else:
-        why = f"{policy.ref}: the record does not settle " + coverage_info.first_text(
+        why = f"{policy.ref}: {_impossible(det)}the record does not settle " + coverage_info.first_text(
             [f"{q.link_id} ({q.text})" for q in questions], 4
         )
         if _over_limit(det):
@@ -402,18 +419,24 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
             det,
         )
     payer = job.choice.payer
-    existing = rt.store.active_prior_auth(payer.id, job.patient_key, product.id, policy.id, ctx.today)
-    issued = existing or PriorAuth(
-        rt.new_pa_id(),
-        stamp.assertion_id,
-        payer.id,
-        job.patient_key,
-        product.id,
-        policy.id,
-        ctx.today,
-        add_months(ctx.today, det.authorization_months) if det.authorization_months else None,
-        product.authorization.doses,
-    )
+    # the reuse key: payer, patient under this Coverage (patient_key), product, policy|version. A new authorization is
+    # stored as it is issued, so that calls racing to sign one order answer with one PA id (Store.issue_prior_auth)
+    issued = rt.store.active_prior_auth(payer.id, job.patient_key, product.id, policy.ref, ctx.today)
+    new = False
+    if issued is None:
+        candidate = PriorAuth(
+            rt.new_pa_id(),
+            stamp.assertion_id,
+            payer.id,
+            job.patient_key,
+            product.id,
+            policy.ref,
+            ctx.today,
+            add_months(ctx.today, det.authorization_months) if det.authorization_months else None,
+            product.authorization.doses,
+        )
+        issued = rt.store.issue_prior_auth(candidate, ctx.today)
+        new = issued.pa_id == candidate.pa_id
     until = (
         f"valid through {issued.valid_to.isoformat()}"
         if issued.valid_to
@@ -425,7 +448,7 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
     info = stamp.info(
         covered="covered", pa_needed="satisfied", satisfied_pa_id=issued.pa_id, billing_codes=billing, reasons=(reason,)
     )
-    return job.result(info, det, prior_auth=issued, new_prior_auth=existing is None)
+    return job.result(info, det, prior_auth=issued, new_prior_auth=new)
 
 
 def add_months(start: date, months: int) -> date:

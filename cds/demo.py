@@ -43,7 +43,9 @@ def public_jwk(key: ec.EllipticCurvePrivateKey, kid: str = "demo-1") -> dict[str
 
 def demo_client(data_dir: Path) -> TrustedClient:
     key = _load_or_create(data_dir)
-    return TrustedClient(iss=DEMO_ISS, jwks={"keys": [public_jwk(key)]})
+    # the quick start's EHR runs on this machine: the demo client may name a FHIR server on loopback only
+    loopback = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
+    return TrustedClient(iss=DEMO_ISS, jwks={"keys": [public_jwk(key)]}, fhir_servers=loopback)
 
 
 def mint(data_dir: Path, audience: str, lifetime: int = 300) -> str:

@@ -11,6 +11,7 @@ Hierarchy::
     │   ├── MalformedJson       400 structure      body is not JSON / not an object
     │   ├── InvalidRequest      400 required       CDS Hooks shape: missing hook, context, draftOrders ...
     │   ├── InvalidResource     400 structure      a FHIR resource fails R4 validation or has the wrong type
+    │   ├── TooLong             400 too-long       a list or value over a documented limit (feedback items, ids)
     │   ├── CoverageProblem     400 business-rule  no usable Coverage, several, or a payer we do not serve
     │   ├── UnsupportedVersion  422 not-supported  davinci-crd.requestedVersion we do not implement
     │   ├── UnsupportedMedia    415 not-supported  body is not application/json
@@ -26,6 +27,16 @@ Both the CDS Hooks endpoints and the FHIR endpoints answer errors with a FHIR ``
 from __future__ import annotations
 
 from typing import Any
+
+HTTP_ISSUE_CODES = {
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    413: "too-long",
+    414: "too-long",
+    431: "too-long",
+    501: "not-supported",
+}
 
 
 class CdsError(Exception):
@@ -75,6 +86,10 @@ class InvalidResource(ClientError):
     issue_code = "structure"
 
 
+class TooLong(ClientError):
+    issue_code = "too-long"
+
+
 class CoverageProblem(ClientError):
     issue_code = "business-rule"
 
@@ -112,6 +127,15 @@ class Unauthorized(CdsError):
 class DataUnavailable(CdsError):
     http_status = 412
     issue_code = "processing"
+
+
+def status_error(status: int, message: str) -> CdsError:
+    """An error answered with an HTTP status chosen outside this code (werkzeug routing and limits, gunicorn's
+    parser), as a :class:`CdsError` so it is rendered like every other."""
+    err = NotFound(message) if status == 404 else CdsError(message)
+    err.http_status = status
+    err.issue_code = HTTP_ISSUE_CODES.get(status, "invalid" if status < 500 else "exception")
+    return err
 
 
 def to_operation_outcome(error: CdsError) -> dict[str, Any]:

@@ -6,7 +6,6 @@ validated against R4 by :func:`validate_resource`. Unknown fields are ignored, a
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from cds import constants
+from cds import constants, jsonsafe
 from cds.errors import InvalidRequest, InvalidResource, MalformedJson, UnsupportedVersion
 
+MAX_HOOK_INSTANCE = 128  # CDS Hooks: a UUID (36); the store keeps up to 128
 REFERENCE = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 ORDER_TYPES = frozenset(
@@ -43,6 +43,7 @@ class HookRequest:
     access_token: str | None = None
     configuration: Mapping[str, Any] = field(default_factory=dict)
     requested_version: str | None = None
+    client: str | None = None  # the verified ``iss`` of the caller; None when authentication is off
 
     @property
     def can_query(self) -> bool:
@@ -50,13 +51,11 @@ class HookRequest:
 
 
 def load_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedJson(f"The request body is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    """The request body as JSON, within :mod:`cds.jsonsafe`'s bounds on nesting and number size (400 otherwise)."""
+    return jsonsafe.loads(body, source="The request body")
 
 
-def parse(body: bytes, hook: str) -> HookRequest:
+def parse(body: bytes, hook: str, client: str | None = None) -> HookRequest:
     raw = load_json(body)
     if not isinstance(raw, dict):
         raise MalformedJson("The request body must be a JSON object")
@@ -68,6 +67,10 @@ def parse(body: bytes, hook: str) -> HookRequest:
     instance = raw.get("hookInstance")
     if not isinstance(instance, str) or not instance.strip():
         raise InvalidRequest("'hookInstance' is required", expression="hookInstance")
+    if len(instance) > MAX_HOOK_INSTANCE or not instance.isprintable():
+        raise InvalidRequest(
+            f"'hookInstance' is a UUID: at most {MAX_HOOK_INSTANCE} printable characters", expression="hookInstance"
+        )
     context = raw.get("context")
     if not isinstance(context, dict):
         raise InvalidRequest("'context' is required and must be an object", expression="context")
@@ -116,12 +119,13 @@ def parse(body: bytes, hook: str) -> HookRequest:
         access_token=token,
         configuration=MappingProxyType(configuration),
         requested_version=version,
+        client=client,
     )
 
 
 def require_reference(context: Mapping[str, Any], name: str, types: tuple[str, ...]) -> str:
     value = context.get(name)
-    if not isinstance(value, str) or not REFERENCE.match(value) or value.split("/", 1)[0] not in types:
+    if not isinstance(value, str) or not REFERENCE.fullmatch(value) or value.split("/", 1)[0] not in types:
         raise InvalidRequest(
             f"context.{name} must be a reference to one of {', '.join(types)}", expression=f"context.{name}"
         )
@@ -132,7 +136,7 @@ def require_id(context: Mapping[str, Any], name: str, required: bool = True) -> 
     value = context.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not ID.match(value):
+    if not isinstance(value, str) or not ID.fullmatch(value):
         raise InvalidRequest(f"context.{name} must be a resource id", expression=f"context.{name}")
     return value
 
@@ -156,7 +160,7 @@ def order_bundle(context: Mapping[str, Any], name: str = "draftOrders") -> list[
             raise InvalidResource(
                 f"{rtype!r} is not an order resource type ({', '.join(sorted(ORDER_TYPES))})", expression=where
             )
-        if not isinstance(resource.get("id"), str) or not ID.match(resource["id"]):
+        if not isinstance(resource.get("id"), str) or not ID.fullmatch(resource["id"]):
             raise InvalidResource(f"the {rtype} needs an id (CRD §found-36)", expression=f"{where}.id")
         if rtype == "MedicationRequest":
             validate_resource(resource, where)

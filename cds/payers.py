@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cds.errors import CoverageProblem, DataUnavailable
-from cds.hookrequest import validate_resource
-from cds.prefetch import DataSource
+from cds.prefetch import DataSource, check_resource
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,31 @@ class CoverageChoice:
                 return str(ident["value"])
         return None
 
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """Who this Coverage covers, as it says: its id, subscriber and member ids, the dependent number and the
+        beneficiary (reference and identifier); "" for what it does not say. Members of one family coverage share
+        the subscriberId; the dependent number and the beneficiary tell them apart."""
+        c = self.coverage
+        beneficiary = _mapping(c.get("beneficiary"))
+        ident = _mapping(beneficiary.get("identifier"))
+        return (
+            _text(c.get("id")),
+            _text(c.get("subscriberId")),
+            self.member_id or "",
+            _text(c.get("dependent")),
+            _text(beneficiary.get("reference")),
+            f"{_text(ident.get('system'))}|{_text(ident.get('value'))}",
+        )
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
 
 def _payor_identifiers(coverage: Mapping[str, Any], source: DataSource) -> list[Mapping[str, Any]]:
     """Identifiers of the Coverage's payors: given on the reference, else read from the Organization it points to."""
@@ -114,7 +138,7 @@ def choose_coverage(source: DataSource, registry: PayerRegistry) -> CoverageChoi
             expression="prefetch.coverage",
         )
     coverage = coverages[0]
-    validate_resource(coverage, "prefetch.coverage")
+    check_resource(coverage, "prefetch.coverage", got)
     identifiers = _payor_identifiers(coverage, source)
     if not identifiers:
         raise CoverageProblem(

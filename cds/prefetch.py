@@ -8,19 +8,23 @@ OperationOutcome means the client could not fetch it, and it is queried like a m
 from __future__ import annotations
 
 import re
-import time
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cds.errors import InvalidRequest
+from cds.errors import DataUnavailable, InvalidRequest, InvalidResource
 from cds.fhirclient import FhirClient, FhirReadError, bundle_resources
-from cds.hookrequest import HookRequest
+from cds.hookrequest import HookRequest, validate_resource
+from cds.upstream import allowed
 from fhir_mappings import systems
 from fhir_mappings.loader import Mappings
 from policies.model import Product
 from policies.needs import inputs_of
+
+if TYPE_CHECKING:
+    from cds.runtime import Runtime
 
 TOKEN = re.compile(r"\{\{\s*context\.([A-Za-z]+)\s*\}\}")
 
@@ -90,6 +94,7 @@ class Fetched:
     resources: tuple[Mapping[str, Any], ...] = ()
     status: str = "ok"  # ok | failed (queried, and the query failed) | unavailable (absent, and no way to query)
     note: str = ""
+    origin: str = "prefetch"  # prefetch (the client sent it) | ehr (we read it from fhirServer)
 
     @property
     def ok(self) -> bool:
@@ -125,27 +130,63 @@ def _prefetched(key: str, value: Any) -> Fetched | None:
     return Fetched((value,))
 
 
+def check_resource(resource: Mapping[str, Any], where: str, fetched: Fetched) -> None:
+    """Validate a resource a decision rests on (FHIR R4). Sent in the prefetch, an invalid one is the client's
+    mistake (400, naming the element); read by us from the EHR's FHIR server, it is data the service could not
+    obtain in usable form (412, CDS Hooks: unable to retrieve the necessary FHIR data)."""
+    try:
+        validate_resource(resource, where)
+    except InvalidResource as exc:
+        if fetched.origin != "ehr":
+            raise
+        rtype = resource.get("resourceType")
+        raise DataUnavailable(
+            f"The {rtype} read from the EHR's FHIR server is not valid FHIR R4 ({exc.message}); it cannot be used"
+        ) from None
+
+
 class DataSource:
-    """One request's view of the EHR data. Fetches each key once; queries missing keys in parallel."""
+    """One request's view of the EHR data. Fetches each key once; queries missing keys in parallel.
+
+    ``client`` is None when the call cannot be queried (no fhirServer or token, or a server this client may not
+    name); ``why_not`` then says why. A call that queries holds one of the process's ``slots`` until it closes, so
+    calls stuck on slow EHRs never take every worker thread: without a free slot its queries fail at once (the
+    answer degrades) and the threads left serve the calls that need no EHR.
+    """
 
     def __init__(
-        self, request: HookRequest, templates: Mapping[str, str], client: FhirClient | None, budget_seconds: float
+        self,
+        request: HookRequest,
+        templates: Mapping[str, str],
+        client: FhirClient | None,
+        *,
+        slots: threading.Semaphore | None = None,
+        why_not: str = "the FHIR server cannot be queried",
     ) -> None:
         self.request = request
         self.templates = templates
         self.client = client
-        self.deadline = time.monotonic() + budget_seconds
+        self.slots = slots
+        self.why_not = why_not
         self._cache: dict[str, Fetched] = {}
+        self._slot = threading.Lock()
+        self._holding: bool | None = None  # None: not asked yet
         self.queried: list[str] = []  # keys and references read from the FHIR server (for the audit record)
+
+    def _take_slot(self) -> bool:
+        with self._slot:
+            if self._holding is None:
+                self._holding = self.slots is None or self.slots.acquire(timeout=0.05)
+            return self._holding
 
     def _query(self, relative: str) -> Fetched:
         assert self.client is not None
-        if time.monotonic() > self.deadline:
-            return Fetched(status="failed", note="the time allowed for reading the EHR was used up")
+        if not self._take_slot():
+            return Fetched(status="failed", note="too many calls are waiting on EHR servers just now", origin="ehr")
         try:
-            return Fetched(tuple(self.client.search(relative)))
+            return Fetched(tuple(self.client.search(relative)), origin="ehr")
         except FhirReadError as exc:
-            return Fetched(status="failed", note=str(exc))
+            return Fetched(status="failed", note=str(exc), origin="ehr")
 
     def _resolve(self, key: str) -> Fetched:
         if key in self.request.prefetch:
@@ -159,9 +200,7 @@ class DataSource:
         if key == "practitionerRoles" and not str(self.request.context.get("userId", "")).startswith("Practitioner/"):
             return Fetched()
         if self.client is None:
-            return Fetched(
-                status="unavailable", note=f"prefetch '{key}' was not sent and the FHIR server cannot be queried"
-            )
+            return Fetched(status="unavailable", note=f"prefetch '{key}' was not sent and {self.why_not}")
         self.queried.append(rendered)
         return self._query(rendered)
 
@@ -186,11 +225,12 @@ class DataSource:
         """All resources of a named source (several prefetch keys may feed it)."""
         results = self.fetch(SOURCES[name])
         resources = tuple(r for f in results.values() for r in f.resources)
+        origin = "ehr" if any(f.origin == "ehr" for f in results.values()) else "prefetch"
         bad = [f for f in results.values() if not f.ok]
         if bad:
             status = "unavailable" if any(f.status == "unavailable" for f in bad) else "failed"
-            return Fetched(resources, status, "; ".join(f.note for f in bad))
-        return Fetched(resources)
+            return Fetched(resources, status, "; ".join(f.note for f in bad), origin)
+        return Fetched(resources, origin=origin)
 
     def read(self, reference: str) -> Fetched:
         """A single resource by relative reference (``Organization/1``), from the prefetched data or the server."""
@@ -210,9 +250,7 @@ class DataSource:
                 self._cache[key] = Fetched((found[0],))
                 return self._cache[key]
         if self.client is None:
-            got = Fetched(
-                status="unavailable", note=f"{reference} is not in the prefetch and the FHIR server cannot be queried"
-            )
+            got = Fetched(status="unavailable", note=f"{reference} is not in the prefetch and {self.why_not}")
         else:
             self.queried.append(reference)
             got = self._query(reference)
@@ -222,3 +260,29 @@ class DataSource:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+        with self._slot:
+            if self._holding and self.slots is not None:
+                self.slots.release()
+            self._holding = False
+
+
+def open_source(rt: Runtime, request: HookRequest) -> DataSource:
+    """The data of one hook call. Its ``fhirServer`` is queried only when it is one the calling client may name
+    (``[[clients]] fhir_servers``; ``fhir_servers`` without authentication): the bearer token and our requests go
+    nowhere else, internal addresses included."""
+    client = None
+    why_not = "the FHIR server cannot be queried (no fhirServer and fhirAuthorization)"
+    if request.can_query and request.fhir_server:
+        if allowed(request.fhir_server, rt.fhir_servers(request.client)):
+            cfg = rt.config
+            client = FhirClient(
+                request.fhir_server,
+                request.access_token or "",
+                connect_timeout=float(cfg["fhir_connect_timeout"]),
+                read_timeout=float(cfg["fhir_read_timeout"]),
+                budget_seconds=float(cfg["fhir_total_timeout"]),
+                max_bytes=int(cfg["fhir_max_response_bytes"]),
+            )
+        else:
+            why_not = "the fhirServer is not one this client is configured to name (fhir_servers), so it is not queried"
+    return DataSource(request, rt.templates, client, slots=rt.ehr_slots, why_not=why_not)

@@ -5,19 +5,35 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
+from collections.abc import Mapping
+from datetime import date
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
 from cds import hookrequest
-from cds.errors import CdsError, InvalidRequest, NotFound, UnsupportedMedia, to_operation_outcome
+from cds.errors import CdsError, InvalidRequest, NotFound, TooLong, UnsupportedMedia, to_operation_outcome
 from cds.hookrequest import load_json
+from cds.logsafe import clean
 from cds.registry import ServiceDefinition
 from cds.runtime import Runtime
 
 log = logging.getLogger("cds.hooks")
 bp = Blueprint("cds_hooks", __name__)
+
+# Card feedback limits. An EHR sends one item per card a user acted on, so 100 per call is far above real use;
+# a card id is the uuid this service gave the card (36 characters; 64 allowed, the store column holds 128); a user's
+# override comment is a sentence or two, 1,000 characters leaves room for a paragraph.
+MAX_FEEDBACK_ITEMS = 100
+MAX_CARD_ID = 64
+MAX_USER_COMMENT = 1000
+CARD_ID = re.compile(rf"[A-Za-z0-9\-.]{{1,{MAX_CARD_ID}}}")  # used with fullmatch: "$" would allow a final "\n"
+INSTANT = re.compile(
+    r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)"
+    r"(\.[0-9]{1,9})?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
+)
 
 
 def runtime() -> Runtime:
@@ -69,17 +85,15 @@ def invoke(service_id: str) -> Response:
     hook_instance = ""
     status = 200
     records: list[Any] = []
-    prior: list[Any] = []
     queried: list[str] = []
     try:
         _require_json()
-        parsed = hookrequest.parse(raw, service.hook)
+        parsed = hookrequest.parse(raw, service.hook, client=iss)
         hook_instance = parsed.hook_instance
         outcome = service.handle(rt, parsed)
         body: dict[str, Any] = outcome.body
         if outcome.assessment is not None:
             records = outcome.assessment.records(hook_instance)
-            prior = outcome.assessment.new_prior_auths()
             queried = list(outcome.assessment.queried)
     except CdsError as exc:
         status = exc.http_status
@@ -97,14 +111,13 @@ def invoke(service_id: str) -> Response:
         response=text,
         queried=queried,
         records=records,
-        prior=prior,
     )
     log.info(
         "hook service=%s status=%s ms=%s hookInstance=%s orders=%s",
-        service_id,
+        clean(service_id),
         status,
         duration,
-        hook_instance or "-",
+        clean(hook_instance) if hook_instance else "-",
         len(records),
     )
     return Response(text, status=status, mimetype="application/json")
@@ -117,32 +130,77 @@ def feedback(service_id: str) -> Response:
         raise NotFound(f"No CDS service '{service_id}' here")
     _authenticate(rt, f"{rt.base_url}/cds-services/{service_id}/feedback", bool(rt.config["auth_required"]))
     _require_json()
-    raw = load_json(request.get_data())
+    items = _feedback_items(load_json(request.get_data()))
+    rt.store.record_feedback(service_id, items)
+    return json_response({"received": len(items)})
+
+
+def _feedback_items(raw: Any) -> list[Mapping[str, Any]]:
+    """The items of a CDS Hooks feedback body, each checked; at most MAX_FEEDBACK_ITEMS of them."""
     items = raw.get("feedback") if isinstance(raw, dict) else None
     if not isinstance(items, list) or not items:
         raise InvalidRequest('The body must be {"feedback": [ ... ]} with at least one item', expression="feedback")
+    if len(items) > MAX_FEEDBACK_ITEMS:
+        raise TooLong(
+            f"{len(items)} feedback items in one call; at most {MAX_FEEDBACK_ITEMS} are accepted", expression="feedback"
+        )
     for i, item in enumerate(items):
-        where = f"feedback[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("card"), str) or not item["card"]:
-            raise InvalidRequest("each item names the card (its uuid)", expression=f"{where}.card")
-        outcome = item.get("outcome")
-        if outcome not in ("accepted", "overridden"):
-            raise InvalidRequest("outcome is 'accepted' or 'overridden'", expression=f"{where}.outcome")
-        if outcome == "accepted" and not (
-            isinstance(item.get("acceptedSuggestions"), list) and item["acceptedSuggestions"]
-        ):
-            raise InvalidRequest(
-                "accepted feedback lists acceptedSuggestions", expression=f"{where}.acceptedSuggestions"
-            )
-        reason = item.get("overrideReason")
-        if reason is not None and not (
-            isinstance(reason, dict) and (reason.get("reason") or reason.get("userComment"))
-        ):
-            raise InvalidRequest("overrideReason needs a reason or a userComment", expression=f"{where}.overrideReason")
-        if not isinstance(item.get("outcomeTimestamp"), str):
-            raise InvalidRequest("outcomeTimestamp is required", expression=f"{where}.outcomeTimestamp")
-    rt.store.record_feedback(service_id, items)
-    return json_response({"received": len(items)})
+        _check_feedback_item(item, f"feedback[{i}]")
+    return items
+
+
+def _check_feedback_item(item: Any, where: str) -> None:
+    if not isinstance(item, dict) or not isinstance(item.get("card"), str) or not item["card"]:
+        raise InvalidRequest("each item names the card (its uuid)", expression=f"{where}.card")
+    if len(item["card"]) > MAX_CARD_ID:
+        raise TooLong(f"card is a card's uuid, at most {MAX_CARD_ID} characters", expression=f"{where}.card")
+    if not CARD_ID.fullmatch(item["card"]):
+        raise InvalidRequest(
+            "card is the uuid of a card this service returned (letters, digits, '-' and '.')",
+            expression=f"{where}.card",
+        )
+    outcome = item.get("outcome")
+    if outcome not in ("accepted", "overridden"):
+        raise InvalidRequest("outcome is 'accepted' or 'overridden'", expression=f"{where}.outcome")
+    if outcome == "accepted" and not (
+        isinstance(item.get("acceptedSuggestions"), list) and item["acceptedSuggestions"]
+    ):
+        raise InvalidRequest("accepted feedback lists acceptedSuggestions", expression=f"{where}.acceptedSuggestions")
+    reason = item.get("overrideReason")
+    if reason is not None:
+        _check_override_reason(reason, f"{where}.overrideReason")
+    stamp = item.get("outcomeTimestamp")
+    if not isinstance(stamp, str):
+        raise InvalidRequest("outcomeTimestamp is required", expression=f"{where}.outcomeTimestamp")
+    if not _is_instant(stamp):
+        raise InvalidRequest(
+            "outcomeTimestamp is a FHIR instant: YYYY-MM-DDThh:mm:ss[.sss] with Z or +hh:mm",
+            expression=f"{where}.outcomeTimestamp",
+        )
+
+
+def _check_override_reason(reason: Any, where: str) -> None:
+    if not (isinstance(reason, dict) and (reason.get("reason") or reason.get("userComment"))):
+        raise InvalidRequest("overrideReason needs a reason or a userComment", expression=where)
+    comment = reason.get("userComment")
+    if comment is not None and not isinstance(comment, str):
+        raise InvalidRequest("userComment is text", expression=f"{where}.userComment")
+    if comment is not None and len(comment) > MAX_USER_COMMENT:
+        raise TooLong(
+            f"userComment has {len(comment)} characters; at most {MAX_USER_COMMENT} are accepted",
+            expression=f"{where}.userComment",
+        )
+
+
+def _is_instant(value: str) -> bool:
+    """A FHIR instant (seconds and a zone required, fraction optional) on a real calendar day."""
+    if not INSTANT.fullmatch(value):
+        return False
+    try:
+        date.fromisoformat(value[:10])
+    except ValueError:
+        return False
+    return True
 
 
 @bp.post("/_echo")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,22 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now
     new_id: Callable[[], str] = random_id
     new_pa_id: Callable[[], str] = random_pa_id
+    # hook calls of this process that may wait on EHR reads at once (cds.prefetch.DataSource); made before gunicorn
+    # forks, so each worker has its own count
+    ehr_slots: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        threads = int(self.config["threads"])
+        slots = max(1, min(int(self.config["ehr_calls"]), threads - 1))
+        object.__setattr__(self, "ehr_slots", threading.BoundedSemaphore(slots))
 
     @property
     def base_url(self) -> str:
         return self.config.base_url
+
+    def fhir_servers(self, client: str | None) -> tuple[str, ...]:
+        """The FHIR servers a call from ``client`` (a verified ``iss``; None when unauthenticated) may have queried."""
+        if client is None:
+            return tuple(self.config["fhir_servers"])
+        trusted = self.verifier.clients.get(client) if self.verifier is not None else None
+        return trusted.fhir_servers if trusted is not None else ()

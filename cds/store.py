@@ -3,13 +3,16 @@ prior authorizations we issued, Questionnaires we publish, and seen JWT ids.
 
 SQLite under the data directory by default, PostgreSQL when ``database_url`` names it; one code path (SQLAlchemy
 Core). The engine is created lazily in each process, so a server that forks workers never shares a connection.
-Patient data is stored here (the audit record CRD §found-37 requires) and never written to logs.
+Patient data is stored here (the audit record CRD §found-37 requires) and never written to logs; the EHR's bearer tokens
+are not stored (:func:`redact_tokens`), and the SQLite files are readable by their owner only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,12 +35,17 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    make_url,
     select,
     update,
 )
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
+from cds.errors import CdsError
+from cds.hookrequest import load_json
+
+log = logging.getLogger("cds.store")
 metadata = MetaData()
 
 exchanges = Table(
@@ -82,15 +90,32 @@ prior_auths = Table(
     Column("pa_id", String(64), primary_key=True),
     Column("assertion_id", String(64), nullable=False),
     Column("payer_id", String(64), nullable=False),
-    Column("patient_key", String(128), nullable=False),
+    Column("patient_key", String(128), nullable=False),  # the patient under one Coverage, hashed (cds.crd)
     Column("product", String(64), nullable=False),
-    Column("policy", String(128), nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("policy", String(128), nullable=False),  # policy|version
+    Column("status", String(16), nullable=False),  # active, expired (when a successor is issued), revoked
     Column("valid_from", Date, nullable=False),
     Column("valid_to", Date),  # None: valid for its doses, not a period
     Column("doses", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_prior_auth_member", "payer_id", "patient_key", "product"),
+)
+
+# The reuse key of an authorization is payer, patient_key, product and policy|version, and at most one authorization
+# per key is active: of racing first signs of one order, one insert wins and the others read it back
+# (Store.issue_prior_auth). Rows written before the key named the policy version hold the bare policy id (and a
+# patient_key of the member id alone): no lookup matches them any more, and they may repeat a key (an expired
+# authorization and its successor were both left "active"), so they are outside the index.
+_KEYED_ACTIVE = and_(prior_auths.c.status == "active", prior_auths.c.policy.like("%|%"))
+reuse_index = Index(
+    "ux_prior_auth_active_key",
+    prior_auths.c.payer_id,
+    prior_auths.c.patient_key,
+    prior_auths.c.product,
+    prior_auths.c.policy,
+    unique=True,
+    sqlite_where=_KEYED_ACTIVE,
+    postgresql_where=_KEYED_ACTIVE,
 )
 
 questionnaires = Table(
@@ -170,8 +195,130 @@ def _prior_auth(row: RowMapping) -> PriorAuth:
     )
 
 
+def _key_is(payer_id: str, patient_key: str, product: str, policy: str) -> Any:
+    return and_(
+        prior_auths.c.payer_id == payer_id,
+        prior_auths.c.patient_key == patient_key,
+        prior_auths.c.product == product,
+        prior_auths.c.policy == policy,
+    )
+
+
+def _prior_auth_row(pa: PriorAuth, created_at: datetime) -> dict[str, Any]:
+    return {
+        "pa_id": pa.pa_id,
+        "assertion_id": pa.assertion_id,
+        "payer_id": pa.payer_id,
+        "patient_key": pa.patient_key,
+        "product": pa.product,
+        "policy": pa.policy,
+        "status": pa.status,
+        "valid_from": pa.valid_from,
+        "valid_to": pa.valid_to,
+        "doses": pa.doses,
+        "created_at": created_at,
+    }
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# --- tokens out of the audit record ----------------------------------------------------------------------------------
+
+REDACTED = "[redacted]"
+TOKEN_KEYS = frozenset({"access_token", "refresh_token", "id_token"})
+# a token member by its plain name, found without relying on where strings start (a malformed body may have lost a
+# quote before it), and its value: a string (perhaps cut off by the end of the body) or any other scalar
+_TOKEN_MEMBER = re.compile(r'((?:access|refresh|id)_token"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^\s,}\]{\["]*)', re.IGNORECASE)
+# any member and its value, the name as written: names with escapes ("access\u005ftoken") are decoded and compared.
+# The two alternatives for a character of a string never overlap, so the scan is linear.
+_MEMBER = re.compile(r'("((?:[^"\\]|\\.)*)"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^\s,}\]{\["]*)')
+# what a body that parsed without a token may still hide in a repeated name the parser dropped
+_MAY_HOLD_TOKEN = re.compile(r"_token|\\u00[0-7]", re.IGNORECASE)
+
+
+def redact_tokens(text: str) -> str:
+    """A hook request as it may be kept: every ``access_token``, ``refresh_token`` and ``id_token`` (those of
+    ``fhirAuthorization``, and any other a body carries) replaced by "[redacted]".
+
+    A body that parses as JSON (:func:`cds.hookrequest.load_json`) is redacted in its structure and written out again
+    (compact; the document otherwise as the service read it). A body that does not parse (malformed, nested too deep,
+    a number too long: what reaches the store may be hostile) is redacted by pattern, which also finds a token member
+    after a lost quote, and one whose name is written with escapes."""
+    try:
+        doc = load_json(text.encode("utf-8", "surrogatepass"))
+    except (CdsError, RecursionError, ValueError, UnicodeError):
+        return _redact_text(text)
+    if _redact_document(doc):
+        return json.dumps(doc, separators=(",", ":"))
+    return _redact_text(text) if _MAY_HOLD_TOKEN.search(text) else text
+
+
+def _redact_document(doc: Any) -> bool:
+    """Replace token values in place, iteratively (a deep document cannot exhaust the stack); True if there were any."""
+    found = False
+    pending = [doc]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if isinstance(name, str) and name.lower() in TOKEN_KEYS:
+                    node[name] = REDACTED
+                    found = True
+                elif isinstance(value, dict | list):
+                    pending.append(value)
+        elif isinstance(node, list):
+            pending.extend(v for v in node if isinstance(v, dict | list))
+    return found
+
+
+def _redact_text(text: str) -> str:
+    text = _TOKEN_MEMBER.sub(lambda m: f'{m.group(1)}"{REDACTED}"', text)
+    if "\\" not in text:
+        return text
+
+    def member(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if "\\" not in name:
+            return m.group(0)
+        try:
+            decoded = json.loads(f'"{name}"')
+        except ValueError:
+            return m.group(0)
+        return f'{m.group(1)}"{REDACTED}"' if decoded.lower() in TOKEN_KEYS else m.group(0)
+
+    return _MEMBER.sub(member, text)
+
+
+# --- SQLite ---------------------------------------------------------------------------------------------------------
+
+
+def _private_sqlite_file(path: str) -> None:
+    """Make the SQLite database readable by its owner only, before anything connects: the directories the store
+    creates are 0700, a new database file is created 0600, an existing one and its -wal and -shm files are tightened
+    to 0600. (SQLite gives the -wal, -shm and -journal files it creates the database file's mode.)"""
+    directory = os.path.dirname(os.path.abspath(path))
+    missing: list[str] = []
+    probe = directory
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for created in missing:
+        os.chmod(created, 0o700)  # makedirs applies the umask to the leaf and gives the parents it makes 0777 & ~umask
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            log.warning("cannot make %s readable by its owner only: it belongs to another user", name)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -202,9 +349,9 @@ class Store:
 
     def _create_engine(self) -> Engine:
         if self.url.startswith("sqlite"):
-            path = self.url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            path = make_url(self.url).database
+            if path and path != ":memory:" and not path.startswith("file:"):
+                _private_sqlite_file(path)
             engine = create_engine(
                 self.url, connect_args={"check_same_thread": False, "timeout": 10, **self.connect_args}
             )
@@ -216,7 +363,10 @@ class Store:
         return engine
 
     def init(self) -> None:
+        """Create what is missing. ``create_all`` leaves an existing table as it is, indexes included, so the unique
+        index on the authorization reuse key (added after the first release) is created here when it is missing."""
         metadata.create_all(self.engine)
+        reuse_index.create(self.engine, checkfirst=True)
 
     def dispose(self) -> None:
         if self._engine is not None:
@@ -251,9 +401,12 @@ class Store:
         response: str,
         queried: list[str],
         records: list[AssertionRecord],
-        prior: list[PriorAuth],
+        prior: tuple[PriorAuth, ...] = (),
     ) -> None:
-        """The audit record of one hook call, with its assertions and any authorization issued, in one transaction."""
+        """The audit record of one hook call, with its assertions and any authorization given, in one transaction.
+        The request is kept without the EHR's bearer tokens (:func:`redact_tokens`). The service itself stores the
+        authorizations it issues when it issues them (:meth:`issue_prior_auth`) and gives none here."""
+        kept = redact_tokens(request)
         with self.engine.begin() as conn:
             conn.execute(
                 insert(exchanges).values(
@@ -263,7 +416,7 @@ class Store:
                     received_at=received_at,
                     status=status,
                     duration_ms=duration_ms,
-                    request=request,
+                    request=kept,
                     response=response,
                     queried=json.dumps(queried) if queried else None,
                 )
@@ -294,21 +447,7 @@ class Store:
                     ],
                 )
             for pa in prior:
-                conn.execute(
-                    insert(prior_auths).values(
-                        pa_id=pa.pa_id,
-                        assertion_id=pa.assertion_id,
-                        payer_id=pa.payer_id,
-                        patient_key=pa.patient_key,
-                        product=pa.product,
-                        policy=pa.policy,
-                        status=pa.status,
-                        valid_from=pa.valid_from,
-                        valid_to=pa.valid_to,
-                        doses=pa.doses,
-                        created_at=received_at,
-                    )
-                )
+                conn.execute(insert(prior_auths).values(**_prior_auth_row(pa, received_at)))
 
     def exchanges_for(self, hook_instance: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -348,30 +487,53 @@ class Store:
     def active_prior_auth(
         self, payer_id: str, patient_key: str, product: str, policy: str, today: date
     ) -> PriorAuth | None:
-        """An authorization we issued for this patient and product that is still valid today."""
+        """An authorization we issued under this reuse key (payer, patient_key, product, policy|version) that is still
+        valid today."""
+        for pa in self._active(payer_id, patient_key, product, policy):
+            if pa.valid_from <= today and (pa.valid_to is None or pa.valid_to >= today):
+                return pa
+        return None
+
+    def issue_prior_auth(self, candidate: PriorAuth, today: date) -> PriorAuth:
+        """The authorization to answer with under the candidate's reuse key: the active one that is valid today, else
+        the candidate, stored now (an active one that lapsed before today is marked "expired" in the same
+        transaction). Compare the PA id with the candidate's to know whether it was issued by this call.
+
+        At most one authorization per key is active (the unique index ``ux_prior_auth_active_key``): of calls that
+        race to issue one, one insert wins and the others read the winner back, so all of them answer with one PA id.
+        That is why it is stored here, before the answer is sent, and not with the exchange."""
+        key = (candidate.payer_id, candidate.patient_key, candidate.product, candidate.policy)
+        found = self.active_prior_auth(*key, today)
+        if found is not None:
+            return found
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(prior_auths)
+                    .where(and_(_key_is(*key), prior_auths.c.status == "active", prior_auths.c.valid_to < today))
+                    .values(status="expired")
+                )
+                conn.execute(insert(prior_auths).values(**_prior_auth_row(candidate, _now())))
+        except IntegrityError:
+            winner = next(iter(self._active(*key)), None)
+            if winner is None:
+                raise  # not the reuse key: e.g. the PA id is taken
+            return winner
+        return candidate
+
+    def _active(self, payer_id: str, patient_key: str, product: str, policy: str) -> list[PriorAuth]:
+        """The active authorizations under a reuse key, newest first."""
         with self.engine.connect() as conn:
             rows = (
                 conn.execute(
                     select(prior_auths)
-                    .where(
-                        and_(
-                            prior_auths.c.payer_id == payer_id,
-                            prior_auths.c.patient_key == patient_key,
-                            prior_auths.c.product == product,
-                            prior_auths.c.policy == policy,
-                            prior_auths.c.status == "active",
-                            prior_auths.c.valid_from <= today,
-                        )
-                    )
+                    .where(and_(_key_is(payer_id, patient_key, product, policy), prior_auths.c.status == "active"))
                     .order_by(prior_auths.c.created_at.desc())
                 )
                 .mappings()
                 .all()
             )
-        for row in rows:
-            if row["valid_to"] is None or row["valid_to"] >= today:
-                return _prior_auth(row)
-        return None
+        return [_prior_auth(row) for row in rows]
 
     def prior_auth(self, pa_id: str) -> PriorAuth | None:
         with self.engine.connect() as conn:

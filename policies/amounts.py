@@ -7,6 +7,7 @@ figures so that a caller can say why a figure is missing; nothing here guesses.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,90 @@ def days(q: Any) -> float | None:
         except (units.UnitError, KeyError):
             return None
     return None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _not_positive(value: Any) -> bool:
+    """A number no real amount, rate, period or count can be: zero, negative, or not finite."""
+    number = _number(value)
+    return number is not None and (number <= 0 or not math.isfinite(number))
+
+
+def _shown(q: Mapping[str, Any]) -> str:
+    """A quantity as the order writes it: "0 ug/kg", "-90 mg"."""
+    number = _number(q.get("value"))
+    unit = q.get("unit") or q.get("code")
+    value = f"{number:g}" if number is not None else str(q.get("value"))
+    return f"{value} {unit}" if isinstance(unit, str) and unit else value
+
+
+_TIMING = (
+    ("frequency", None),
+    ("frequencyMax", None),
+    ("period", "periodUnit"),
+    ("periodMax", "periodUnit"),
+    ("count", None),
+    ("countMax", None),
+    ("duration", "durationUnit"),
+)
+
+
+def impossible(order: Mapping[str, Any]) -> list[str]:
+    """What the order states that no order can mean, each said plainly with the amount: a dose, dose range, rate,
+    dispense quantity, maximum dose, supply or dosage duration that is zero or less; a frequency, period or count of
+    zero or less; a negative number of refills.
+
+    Such a figure is never computed with (a dose of 0 is not "within the limit"): the rule that reads the order stays
+    undecided and names the amount (:func:`policies.dose.check`)."""
+    found: list[str] = []
+
+    def amount(q: Any, what: str) -> None:
+        if isinstance(q, Mapping) and _not_positive(q.get("value")):
+            found.append(f"{what} is not a positive amount ({_shown(q)})")
+
+    for di in order.get("dosageInstruction") or ():
+        if not isinstance(di, Mapping):
+            continue
+        repeat = (di.get("timing") or {}).get("repeat") if isinstance(di.get("timing"), Mapping) else None
+        if isinstance(repeat, Mapping):
+            for name, unit in _TIMING:
+                if _not_positive(repeat.get(name)):
+                    shown = _shown({"value": repeat.get(name), "unit": repeat.get(unit) if unit else None})
+                    found.append(f"the dosage timing is not possible ({name} {shown})")
+            amount(repeat.get("boundsDuration"), "the dosage duration")
+        ratio = di.get("maxDosePerPeriod")
+        if isinstance(ratio, Mapping):
+            amount(ratio.get("numerator"), "the maximum dose per period")
+            amount(ratio.get("denominator"), "the period of the maximum dose")
+        for dr in di.get("doseAndRate") or ():
+            if not isinstance(dr, Mapping):
+                continue
+            amount(dr.get("doseQuantity"), "the ordered dose")
+            dose_range = dr.get("doseRange")
+            if isinstance(dose_range, Mapping):
+                amount(dose_range.get("high"), "the ordered dose (upper end of the range)")
+                low = dose_range.get("low")
+                if isinstance(low, Mapping) and (_number(low.get("value")) or 0.0) < 0:
+                    found.append(f"the ordered dose (lower end of the range) is negative ({_shown(low)})")
+            amount(dr.get("rateQuantity"), "the ordered rate")
+            rate_range = dr.get("rateRange")
+            if isinstance(rate_range, Mapping):
+                amount(rate_range.get("high"), "the ordered rate (upper end of the range)")
+            rate_ratio = dr.get("rateRatio")
+            if isinstance(rate_ratio, Mapping):
+                amount(rate_ratio.get("numerator"), "the ordered rate")
+                amount(rate_ratio.get("denominator"), "the time of the ordered rate")
+    disp = order.get("dispenseRequest")
+    if isinstance(disp, Mapping):
+        amount(disp.get("quantity"), "the dispense quantity")
+        amount(disp.get("expectedSupplyDuration"), "the expected supply duration")
+        refills = _number(disp.get("numberOfRepeatsAllowed"))
+        if refills is not None and (refills < 0 or not math.isfinite(refills)):
+            found.append(f"the number of refills is not possible ({disp.get('numberOfRepeatsAllowed')})")
+    return found
 
 
 def _known_unit(q: Any) -> str | None:

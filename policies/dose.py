@@ -3,7 +3,9 @@
 Each rule kind is one function, listed in :data:`DOSE_KINDS` with the parameters it takes (checked when policies load)
 and the inputs it reads. A rule ends ``met`` (within), ``not-met`` (over: the request goes to review, often with a
 proposal) or ``unknown`` (the figure cannot be computed; ``ask`` says what would settle it). Amounts are read by
-:mod:`policies.amounts`; a unit we cannot convert makes the figure unknown, never a guess.
+:mod:`policies.amounts`; a unit we cannot convert makes the figure unknown, never a guess. So does an amount no order
+can mean (a dose, quantity, rate or body weight of zero or less, a frequency or period of zero or less): the rule is
+left undecided with a note naming it, and no answer to the rule's question settles it (:func:`check`).
 
 - ``per_kg``: amount per kilogram of body weight over a window of days (IP0356, IP0355).
 - ``count_per_window``: counted units (tablets) over a window of hours; mass doses convert by the unit's strength.
@@ -45,6 +47,7 @@ class DoseResult:
     proposal: Mapping[str, Any] | None = None  # the order brought within the rule
     proposal_label: str = "Reduce the dose to the policy limit"
     ask: str | None = None  # unknown only: "weight" (a body weight answers it) or "attest" (yes / no)
+    impossible: bool = False  # unknown because the order or the weight states an amount no order can mean
 
     @property
     def id(self) -> str:
@@ -63,23 +66,59 @@ class DoseKind:
 # --- shared ---
 
 
-def _weight(rule: DoseRule, facts: Facts, answers: Answers, today: date) -> tuple[float | None, tuple[str, ...], str]:
+@dataclass(frozen=True)
+class _Weight:
+    kg: float | None  # None: not known (``note`` says why), or not a positive amount (``impossible``)
+    evidence: tuple[str, ...]
+    note: str = ""
+    impossible: bool = False
+
+
+def _weight(rule: DoseRule, facts: Facts, answers: Answers, today: date) -> _Weight:
     """The body weight in kg: answered for this rule, or the latest on record within its window."""
     from policies.engine import Quantity  # the engine imports this module
 
     answer = answers.get(rule.id)
     if isinstance(answer, Quantity):
         try:
-            return units.convert(answer.value, answer.unit, "kg"), answers.evidence(rule.id), ""
+            kg, evidence, where = units.convert(answer.value, answer.unit, "kg"), answers.evidence(rule.id), "answer"
         except units.UnitError as exc:
-            return None, (), f"the body weight answer: {exc}"
-    fact = facts.get(WEIGHT)
-    if fact.value is None:
-        return None, fact.evidence, fact.note or "no body weight on record"
-    window = fact.window_days
-    if window and fact.observed is not None and (today - fact.observed).days > window:
-        return None, fact.evidence, f"the latest body weight ({fact.observed.isoformat()}) is older than {window} days"
-    return fact.value.lo, fact.evidence, ""
+            return _Weight(None, (), f"the body weight answer: {exc}")
+    else:
+        fact = facts.get(WEIGHT)
+        if fact.value is None:
+            return _Weight(None, fact.evidence, fact.note or "no body weight on record")
+        window = fact.window_days
+        if window and fact.observed is not None and (today - fact.observed).days > window:
+            note = f"the latest body weight ({fact.observed.isoformat()}) is older than {window} days"
+            return _Weight(None, fact.evidence, note)
+        kg, evidence, where = fact.value.lo, fact.evidence, "on record"
+    if kg is not None and (kg <= 0 or not math.isfinite(kg)):
+        return _Weight(None, evidence, f"the body weight {where} is not a positive amount ({kg:g} kg)", True)
+    return _Weight(kg, evidence)
+
+
+def _impossible(
+    rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date
+) -> DoseResult | None:
+    """Undecided when the order states an amount no order can mean, or the rule reads a body weight that is not
+    positive: such a figure is never compared with the limit.
+
+    Why not "within the limit" (0 is below every maximum) and not a refusal: a dose of 0 or -90 mcg/kg, a dispense
+    quantity of 0, a frequency of 0 or a weight of 0 kg is an error in the order or the chart, not a request a
+    pharmacist can approve or deny on the criteria. The rule stays unknown, so the answer is "authorization needed"
+    with the reason naming the amount: the prescriber corrects the order and signs again, or the request goes to
+    review with the order as written. The rule's question is still asked (the form and the card show the rule with
+    this note beside it), but no yes/no answer settles it: this is checked before answers. A positive body weight
+    answered for the rule does replace an impossible one on record."""
+    problems = amounts.impossible(order)
+    if problems:
+        return DoseResult(rule, State.UNKNOWN, "; ".join(problems), ask="attest", impossible=True)
+    if WEIGHT in DOSE_KINDS[rule.kind].inputs(rule):
+        weight = _weight(rule, facts, answers, today)
+        if weight.impossible:
+            return DoseResult(rule, State.UNKNOWN, weight.note, weight.evidence, ask="weight", impossible=True)
+    return None
 
 
 def _attested(rule: DoseRule, answers: Answers) -> DoseResult | None:
@@ -182,7 +221,8 @@ def _limit_check(
 
 def _check_per_kg(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
     unit = str(rule.params["unit"])
-    kg, evidence, weight_note = _weight(rule, facts, answers, today)
+    weight = _weight(rule, facts, answers, today)
+    kg, evidence, weight_note = weight.kg, weight.evidence, weight.note
     used_weight: list[bool] = []
 
     def per_kg(amount: float, amount_unit: str) -> float | None:
@@ -287,7 +327,8 @@ def _vials(kg: float, params: Mapping[str, Any]) -> int:
 
 
 def _check_band(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
-    kg, evidence, weight_note = _weight(rule, facts, answers, today)
+    weight = _weight(rule, facts, answers, today)
+    kg, evidence, weight_note = weight.kg, weight.evidence, weight.note
     if kg is None:
         return DoseResult(
             rule, State.UNKNOWN, f"the kit depends on the body weight ({weight_note})", evidence, ask="weight"
@@ -362,7 +403,8 @@ def _check_rate(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers:
     if not rates:
         note = "; ".join(problems) or "the order states no infusion rate"
         return DoseResult(rule, State.UNKNOWN, note, ask="attest")
-    kg, evidence, weight_note = _weight(rule, facts, answers, today)
+    weight = _weight(rule, facts, answers, today)
+    kg, evidence, weight_note = weight.kg, weight.evidence, weight.note
     best: float | None = None
     for value, rate_unit in rates:
         try:
@@ -450,8 +492,13 @@ DOSE_KINDS: Mapping[str, DoseKind] = {
 
 
 def check(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
-    """The rule's result; a yes/no answer to the rule (asked when the figure could not be computed) settles it."""
-    return _attested(rule, answers) or DOSE_KINDS[rule.kind].check(rule, order, facts, answers, today)
+    """The rule's result; a yes/no answer to the rule (asked when the figure could not be computed) settles it, unless
+    the order or the weight states an impossible amount (:func:`_impossible`)."""
+    return (
+        _impossible(rule, order, facts, answers, today)
+        or _attested(rule, answers)
+        or DOSE_KINDS[rule.kind].check(rule, order, facts, answers, today)
+    )
 
 
 def validate_params(rule_kind: str, params: Mapping[str, Any]) -> str | None:

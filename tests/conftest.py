@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,8 +16,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
 
 from cds import create_app
+from cds.store import Store
 from fhir_mappings.loader import Mappings, load_mappings
 from policies.loader import PolicySet, load_policies
 
@@ -23,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = "http://cds.test"
 TEST_ISS = "https://ehr.test/cds-client"
 FIXED_NOW = datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
+PG_URL = os.environ.get("CDS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +119,30 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """An empty store on SQLite and, in its own schema, on PostgreSQL (the production store)."""
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path}/cds.sqlite3")
+        s.init()
+        yield s
+        s.dispose()
+        return
+    schema = f"cds_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    s = Store(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        s.init()
+        yield s
+    finally:
+        s.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 def post_hook(client: FlaskClient, body: dict[str, Any], service: str = "order-sign", **kw: Any) -> Any:

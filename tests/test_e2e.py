@@ -30,14 +30,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, key: ClientKey) -> None:
+    def __init__(self, tmp: Path, key: ClientKey, **settings: Any) -> None:
+        """``settings`` replace or add top-level settings (numbers, strings, booleans, lists of strings)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         config = tmp / "cds.toml"
         jwks = json.dumps(key.jwks)
+        top = {"data_dir": str(tmp / "data"), "workers": 2, "threads": 2, "log_level": "WARNING", **settings}
         config.write_text(
-            f'data_dir = "{tmp / "data"}"\nworkers = 2\nthreads = 2\nlog_level = "WARNING"\n'
-            f"[[clients]]\niss = \"{TEST_ISS}\"\njwks = '{jwks}'\n"
+            "".join(f"{name} = {json.dumps(value)}\n" for name, value in top.items())
+            + f'[[clients]]\niss = "{TEST_ISS}"\njwks = \'{jwks}\'\nfhir_servers = ["http://127.0.0.1:*"]\n'
         )
         env = {**os.environ, "CDS_CONFIG": str(config), "CDS_PORT": str(self.port)}
         self.log = (tmp / "server.log").open("w")

@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from conftest import PG_URL
 from sqlalchemy import create_engine, text
 
 from cds.store import AssertionRecord, PriorAuth, Store
-
-PG_URL = os.environ.get("CDS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path}/cds.sqlite3")  # type: ignore[str-bytes-safe]
-        s.init()
-        yield s
-        s.dispose()
-        return
-    schema = f"cds_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    s = Store(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        s.init()
-        yield s
-    finally:
-        s.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
