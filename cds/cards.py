@@ -104,15 +104,9 @@ class _Builder:
     def for_order(self, a: Assessed) -> None:
         det = a.determination
         if det is None:
-            if a.info.covered == "indeterminate":
-                self.card(
-                    constants.OPTION_COVERAGE_INFO,
-                    1,
-                    a,
-                    f"{a.drug}: coverage could not be determined",
-                    f"Coverage for **{a.drug}** could not be determined: {'; '.join(a.notes)}. Sign again to retry.",
-                    "warning",
-                )
+            # no policy applies, or the drug could not be identified: the system action says all there is (covered /
+            # no-auth, or indeterminate with its technical reason), and a card saying it again is what CRD §resp-12
+            # asks not to send
             return
         policy = det.policy
         decision = det.decision
@@ -223,7 +217,11 @@ class _Builder:
                     "text": self.rt.mappings.inputs[alternative.drug].display,
                 }
                 proposal.pop("medicationReference", None)
+                # the EHR's own extensions stay; the coverage-information spoke of the drug no longer ordered
+                kept_ext = [e for e in proposal.get("extension") or () if e.get("url") != constants.COVERAGE_INFO_URL]
                 proposal.pop("extension", None)
+                if kept_ext:
+                    proposal["extension"] = kept_ext
                 name = self.rt.mappings.inputs[alternative.drug].display
                 self.card(
                     constants.OPTION_ALTERNATIVES,
@@ -377,12 +375,18 @@ class _Builder:
                     "label": "Add the documentation form",
                     "uuid": self.rt.new_id(),
                     "actions": [
-                        {
-                            "type": "create",
-                            "description": "Add the Questionnaire (if not already present)",
-                            "resource": dict(questionnaire),
-                            "extension": {"davinci-crd.if-none-exist": if_none_exist},
-                        },
+                        *(
+                            []
+                            if a.client_has_questionnaire  # the EHR said it holds it (CRD §dev-20)
+                            else [
+                                {
+                                    "type": "create",
+                                    "description": "Add the Questionnaire (if not already present)",
+                                    "resource": dict(questionnaire),
+                                    "extension": {"davinci-crd.if-none-exist": if_none_exist},
+                                }
+                            ]
+                        ),
                         {"type": "create", "description": "Add a task to complete the form", "resource": task},
                     ],
                 }
@@ -399,7 +403,9 @@ class _Builder:
         return [{"system": r.system, "code": r.code, "display": r.display} for r in rows[:2]]
 
     def result(self) -> list[dict[str, Any]]:
-        kept = [c for c in self.cards if self._option(c.option)]
+        # a card is kept when its own option and the option of its topic are on (the form-completion card is
+        # about coverage: coverage-info false switches it off too)
+        kept = [c for c in self.cards if self._option(c.option) and self._option(c.body["source"]["topic"]["code"])]
         kept.sort(key=lambda c: c.priority)
         limit = self.request.configuration.get(constants.OPTION_MAX_CARDS, 10)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:

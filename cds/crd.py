@@ -14,9 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
+from urllib.parse import urlencode
 
 from cds import coverage_info, questionnaires
-from cds.constants import OPTION_UNSOLICITED
+from cds.constants import OPTION_FORM_COMPLETION, OPTION_UNSOLICITED
 from cds.coverage_info import CoverageInfo, Reason
 from cds.errors import DataUnavailable
 from cds.hookrequest import HookRequest
@@ -58,6 +59,7 @@ class Assessed:
     prior_auth: PriorAuth | None = None
     new_prior_auth: bool = False  # issued by this call (and already stored: Store.issue_prior_auth)
     unchanged: bool = False  # the order already carries this assertion: no system action (CRD §resp-29)
+    client_has_questionnaire: bool = False  # the EHR already holds the Questionnaire (CRD §dev-20): no create
     notes: tuple[str, ...] = ()
 
     @property
@@ -98,7 +100,7 @@ class Assessment:
                     satisfied_pa_id=a.info.satisfied_pa_id,
                     questionnaire=a.info.questionnaires[0] if a.info.questionnaires else None,
                     extension=a.extension,
-                    trace=explain.trace(det) if det else {"decision": "no-policy", "notes": list(a.notes)},
+                    trace=_trace(a),
                     draft_response=a.draft_response,
                 )
             )
@@ -224,12 +226,7 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
     stamp = _Stamp(choice.reference, ctx.today, rt.new_id())
     medications, med_note = _medications(ctx, order)
     found = medication_codings(order, medications, rt.mappings.product_names)
-    drug_inputs = frozenset(
-        row.input
-        for c in found
-        for row in rt.mappings.lookup(c.get("system"), c.get("code"))
-        if rt.mappings.inputs[row.input].kind == "drug"
-    )
+    drug_inputs = _drug_inputs(rt, found)
     job = _Job(ctx, choice, key, order, _drug_name(order, found), stamp)
     if med_note and not found:
         reason = Reason(f"The ordered medication could not be identified: {med_note}", "technical")
@@ -263,9 +260,39 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
         user=ctx.request.context.get("userId"),
         available=frozenset(n for n, f in data.items() if f.ok),
     )
-    det = evaluate(policy, product, rt.mappings, FactFinder(rt.mappings, clinical), order, ctx.today)
+    facts = FactFinder(rt.mappings, clinical)
+    others = _companions(ctx, choice, order, product)
+    det = evaluate(policy, product, rt.mappings, facts, order, ctx.today, companions=others)
     failed = {n: f.note for n, f in data.items() if f.status == "failed"}
     return _finish(ctx, _from_determination(replace(job, drug=product.title), det, failed))
+
+
+def _drug_inputs(rt: Runtime, codings: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    return frozenset(
+        row.input
+        for c in codings
+        for row in rt.mappings.lookup(c.get("system"), c.get("code"))
+        if rt.mappings.inputs[row.input].kind == "drug"
+    )
+
+
+def _companions(ctx: _Context, choice: CoverageChoice, order: Mapping[str, Any], product: Product) -> list[Any]:
+    """The call's other draft MedicationRequests for the same product (both hooks: order-select takes the drafts it
+    was not asked about into account, CRD §hook-34): a dose limit per window holds for all of them together."""
+    entries = (ctx.request.context.get("draftOrders") or {}).get("entry") or ()
+    drafts: list[Mapping[str, Any]] = [
+        e["resource"] for e in entries if isinstance(e, Mapping) and isinstance(e.get("resource"), Mapping)
+    ]
+    others: list[Mapping[str, Any]] = []
+    for draft in drafts:
+        if draft.get("resourceType") != "MedicationRequest" or draft.get("id") == order.get("id"):
+            continue
+        medications, _ = _medications(ctx, draft)
+        inputs = _drug_inputs(ctx.rt, medication_codings(draft, medications, ctx.rt.mappings.product_names))
+        match = ctx.rt.policies.find(choice.payer.policies, inputs)
+        if match is not None and match[1].id == product.id:
+            others.append(draft)
+    return others
 
 
 def _of(fetched: Fetched, *types: str) -> tuple[Mapping[str, Any], ...]:
@@ -282,7 +309,9 @@ def _billing(rt: Runtime, product: Product) -> tuple[Mapping[str, str], ...]:
 
 
 def _over_limit(det: Determination) -> str:
-    return "; ".join(f"{d.id} {d.rule.text}: requested {d.note}" for d in det.doses if d.state.value == "not-met")
+    """Each dose rule the order exceeds: its id, the policy's words, then what the rule found (the rule's own note:
+    the figure the order comes to and the limit, or the kit the weight calls for)."""
+    return "; ".join(f"{d.id} ({d.rule.text}): {d.note}" for d in det.doses if d.state.value == "not-met")
 
 
 def _impossible(det: Determination) -> str:
@@ -373,8 +402,9 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
         why = f"{policy.ref}: {_impossible(det)}the record does not settle " + coverage_info.first_text(
             [f"{q.link_id} ({q.text})" for q in questions], 4
         )
-        if _over_limit(det):
-            why += f"; the dose also exceeds the limit: {_over_limit(det)}"
+        over = _over_limit(det)
+        if over:
+            why += f"; the dose also exceeds the limit: {over}"
     technical = tuple(
         Reason(
             f"The {name.replace('_', ' ')} could not be read from the EHR ({note}); the items it "
@@ -392,7 +422,24 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
         reasons=(Reason(why), *technical),
         questionnaires=(questionnaires.canonical(questionnaire),),
     )
-    return job.result(info, det, questions=questions, questionnaire=questionnaire, draft_response=draft)
+    return job.result(
+        info,
+        det,
+        questions=questions,
+        questionnaire=questionnaire,
+        draft_response=draft,
+        client_has_questionnaire=_client_has(ctx, questionnaire),
+    )
+
+
+def _client_has(ctx: _Context, questionnaire: Mapping[str, Any]) -> bool:
+    """Whether the EHR already holds the Questionnaire a form-completion card would create (CRD §dev-20: asked
+    before offering it, when the client wants form completion and its FHIR server can be queried)."""
+    if ctx.option(OPTION_FORM_COMPLETION, False) is not True or ctx.source.client is None:
+        return False
+    query = urlencode({"url": questionnaire["url"], "version": questionnaire["version"]})
+    found = ctx.source.search(f"Questionnaire?{query}")
+    return any(r.get("resourceType") == "Questionnaire" for r in found.resources)
 
 
 def _publish(rt: Runtime, det: Determination, questions: tuple[Question, ...]) -> dict[str, Any]:
@@ -458,11 +505,29 @@ def add_months(start: date, months: int) -> date:
 
 
 def _finish(ctx: _Context, assessed: Assessed) -> Assessed:
-    """Mark an order whose incoming coverage-information already says the same (CRD §resp-29, §resp-35)."""
+    """Mark an order whose incoming coverage-information already says the same, about the same order (CRD §resp-29,
+    §resp-35). "The same order" is read from the stored trace: it holds every criterion and the dose the order
+    came to, so a changed dose with the same answer is new information (a new assertion for the order as it is)."""
     new = assessed.extension
     for old in coverage_info.existing(assessed.order):
         if coverage_info.same_assertion(old, new):
             old_id = (coverage_info.values(old, "coverage-assertion-id") or [None])[0]
-            if isinstance(old_id, str) and ctx.rt.store.assertion(old_id) is not None:
+            stored = ctx.rt.store.assertion(old_id) if isinstance(old_id, str) else None
+            if stored is not None and _same_trace(stored.trace, _trace(assessed)):
                 return replace(assessed, unchanged=True)
     return assessed
+
+
+def _trace(a: Assessed) -> Any:
+    det = a.determination
+    return explain.trace(det) if det else {"decision": "no-policy", "notes": list(a.notes)}
+
+
+def _same_trace(stored: Any, new: Any) -> bool:
+    """Whether two traces describe the same evaluation (their dates aside: a re-sign on another day is not news)."""
+
+    def comparable(trace: Any) -> Any:
+        plain = json.loads(json.dumps(trace))
+        return {k: v for k, v in plain.items() if k != "date"} if isinstance(plain, dict) else plain
+
+    return bool(comparable(stored) == comparable(new))

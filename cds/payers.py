@@ -123,7 +123,11 @@ def _payor_identifiers(coverage: Mapping[str, Any], source: DataSource) -> list[
 def choose_coverage(source: DataSource, registry: PayerRegistry) -> CoverageChoice:
     """The single active Coverage of the request, and the payer it names."""
     got = source.fetch(["coverage"])["coverage"]
+    if got.status == "unavailable":
+        # CRD §hook-13: "no Coverage is accessible" is a 400 (neither prefetched nor queryable)
+        raise CoverageProblem(f"No Coverage is accessible: {got.note} (CRD §hook-13)", expression="prefetch.coverage")
     if not got.ok:
+        # the EHR was asked and did not answer usably: the data could not be retrieved (CDS Hooks 412)
         raise DataUnavailable(f"The patient's Coverage is needed to route the request: {got.note}")
     coverages = [
         c for c in got.resources if c.get("resourceType") == "Coverage" and c.get("status", "active") == "active"

@@ -232,6 +232,13 @@ class DataSource:
             return Fetched(resources, status, "; ".join(f.note for f in bad), origin)
         return Fetched(resources, origin=origin)
 
+    def search(self, relative: str) -> Fetched:
+        """A search on the client's FHIR server (e.g. whether it holds a Questionnaire); unavailable without one."""
+        if self.client is None:
+            return Fetched(status="unavailable", note=self.why_not)
+        self.queried.append(relative)
+        return self._query(relative)
+
     def read(self, reference: str) -> Fetched:
         """A single resource by relative reference (``Organization/1``), from the prefetched data or the server."""
         key = f"read:{reference}"

@@ -98,10 +98,24 @@ class Fact:
     note: str = ""
     observed: date | None = None  # labs: when the result was taken
     window_days: int | None = None  # labs: the mapping's default recency window
+    below_range: bool | None = None  # labs: under the lab's own reference range (None: the result does not say)
 
     @property
     def known(self) -> bool:
         return self.value is not None
+
+
+@dataclass(frozen=True)
+class Reasons:
+    """What the order's own reason (MedicationRequest.reasonCode / reasonReference) names: the diagnosis inputs its
+    codes map to. The reason is the indication requested, so it picks the indication (or shows the use is another)."""
+
+    matched: Mapping[str, bool] = field(default_factory=dict)  # input -> True: a code proves it; False: suggests it
+    evidence: tuple[str, ...] = ()
+    coded: bool = False  # the order states a coded reason at all
+
+
+NO_REASONS = Reasons()
 
 
 @dataclass(frozen=True)
@@ -267,6 +281,30 @@ class FactFinder:
             return Fact(True, (ref(self.data.order),), searched=True)
         return Fact(False, searched=True)
 
+    def reason(self, name: str) -> Fact:
+        """A diagnosis input as the order's own reason states it (other inputs as :meth:`get`)."""
+        spec = self.mappings.inputs[name]
+        if spec.kind != "condition":
+            return self.get(name)
+        key = f"reason:{name}"
+        if key not in self._cache:
+            self._cache[key] = self._condition(spec, reasons_only=True)
+        return self._cache[key]
+
+    def reasons(self) -> Reasons:
+        """What the order's reason names: each diagnosis input its codes map to (True: proves it; False: suggests)."""
+        matched: dict[str, bool] = {}
+        evidence: list[str] = []
+        coded = False
+        for where, concept in self._order_reasons():
+            for c in codings(concept):
+                coded = True
+                for row in self.mappings.lookup(c.get("system"), c.get("code")):
+                    if self.mappings.inputs[row.input].kind in ("condition", "order_reason"):
+                        matched[row.input] = matched.get(row.input, False) or row.strength == "proof"
+                        evidence.append(where)
+        return Reasons(matched, tuple(dict.fromkeys(evidence)), coded)
+
     def _order_reasons(self) -> list[tuple[str, Mapping[str, Any]]]:
         order = self.data.order
         out: list[tuple[str, Mapping[str, Any]]] = [
@@ -324,19 +362,32 @@ class FactFinder:
         return Fact(None, searched=searched, note="" if searched else "the patient's conditions were not available")
 
     def _latest(self, spec: InputDef) -> tuple[date, Mapping[str, Any], CodeRow] | None:
-        best: tuple[date, Mapping[str, Any], CodeRow] | None = None
+        """The result the input reads (``spec.pick``): the latest (default); the lowest or the highest at any date
+        (results without a value the unit converts to do not compete; with none, the latest); or the one before
+        the latest."""
+        found: list[tuple[date, Mapping[str, Any], CodeRow]] = []
         for obs in self.data.observations:
             if obs.get("status") not in FINAL_OBSERVATION:
                 continue
             rows = self._matches(spec.name, codings(obs.get("code")))
             when = effective_date(obs)
-            if rows and when is not None and (best is None or when > best[0]):
-                best = (when, obs, rows[0])
-        return best
+            if rows and when is not None:
+                found.append((when, obs, rows[0]))
+        # newest first; of results on the same date, the first listed
+        ordered = [item for _, item in sorted(enumerate(found), key=lambda p: (-p[1][0].toordinal(), p[0]))]
+        if spec.pick == "previous":
+            return ordered[1] if len(ordered) > 1 else None
+        if spec.pick in ("lowest", "highest"):
+            valued = [(v, item) for item in ordered if (v := _measured(item[1], spec.unit or "")) is not None]
+            if valued:
+                if spec.pick == "lowest":
+                    return min(valued, key=lambda p: _low_key(p[0]))[1]
+                return max(valued, key=lambda p: _high_key(p[0]))[1]
+        return ordered[0] if ordered else None
 
     def _result(self, spec: InputDef) -> tuple[Fact, Mapping[str, Any] | None]:
-        """The latest result as a Fact with its evidence and date but no value yet (and the Observation), or a
-        final Fact saying why there is none."""
+        """The result the input reads (the latest unless ``pick`` says otherwise) as a Fact with its evidence and
+        date but no value yet (and the Observation), or a final Fact saying why there is none."""
         searched = "observations" in self.data.available
         latest = self._latest(spec)
         if latest is None:
@@ -365,7 +416,14 @@ class FactFinder:
             return replace(base, note=f"{spec.display}: {exc}")
         measured = Range.measured(converted, vq.get("comparator"))
         when = base.observed.isoformat() if base.observed else "?"
-        return replace(base, value=measured, note=f"{spec.display} {measured.describe(spec.unit)} on {when}")
+        below = _below_range(obs, measured, spec.unit or "")
+        flag = "" if below is None else ", below its reference range" if below else ", not below its reference range"
+        return replace(
+            base,
+            value=measured,
+            below_range=below,
+            note=f"{spec.display} {measured.describe(spec.unit)} on {when}{flag}",
+        )
 
     def _lab_code(self, spec: InputDef) -> Fact:
         base, obs = self._result(spec)
@@ -418,19 +476,39 @@ class FactFinder:
         assert spec.drug is not None  # checked at load
         order = self.data.order
         evidence: list[str] = []
+        ordered: list[str] = []  # mode administered: earlier orders, which do not show the drug was given
         for res in self.data.medication_history:
             if res.get("id") == order.get("id") and res.get("resourceType") == order.get("resourceType"):
                 continue
             status = res.get("status")
             if status in HISTORY_EXCLUDED or (spec.mode == "current" and status not in HISTORY_CURRENT):
                 continue
-            if self._matches(spec.drug, medication_codings(res, self.data.medications, self.mappings.product_names)):
-                evidence.append(ref(res))
-        if spec.mode == "ever" and order.get("priorPrescription") and self.get(spec.drug).value:
-            evidence.append(f"{ref(order)}#priorPrescription")
+            if not self._matches(
+                spec.drug, medication_codings(res, self.data.medications, self.mappings.product_names)
+            ):
+                continue
+            if spec.mode == "administered" and not _given(res):
+                if res.get("resourceType") == "MedicationRequest":
+                    ordered.append(ref(res))
+                continue
+            evidence.append(ref(res))
+        if spec.mode != "current" and order.get("priorPrescription") and self.get(spec.drug).value:
+            (evidence if spec.mode == "ever" else ordered).append(f"{ref(order)}#priorPrescription")
         if evidence:
             return Fact(True, tuple(dict.fromkeys(evidence)), searched=True)
         searched = "medication_history" in self.data.available
+        if ordered:
+            when = [
+                d for r in self.data.medication_history if ref(r) in ordered if (d := parse_date(r.get("authoredOn")))
+            ]
+            dated = f" ({', '.join(sorted(d.isoformat() for d in when))})" if when else ""
+            return Fact(
+                None,
+                tuple(dict.fromkeys(ordered)),
+                partial=True,
+                searched=True,
+                note=f"an earlier order is on record{dated}; the record does not show it was administered",
+            )
         return Fact(
             False if searched else None,
             searched=searched,
@@ -461,7 +539,14 @@ class FactFinder:
 
     def _setting(self, spec: InputDef) -> Fact:
         """Where the drug is given: the order's category, the encounter's class and type, its locations' types.
-        Known codes that match no row mean the setting is another one (false); no codes at all mean unknown."""
+
+        A proof row settles it (true), a partial row suggests it. Codes that match no row of this input leave it
+        unknown but searched (review C7): the seed's settings are examples ("for example, hospitals, surgical centers,
+        and emergency departments"), and a category such as ``outpatient`` covers the emergency department too, so an
+        unlisted code is not "another setting". Only a setting known not to qualify fails a criterion, and that is a
+        row of its own input (``setting.outside_facility``: POS 12 Home, class HH, category community / discharge),
+        which policies test with ``absent``; for that input, other codes on record mean "searched, none found".
+        No codes at all: unknown (not searched when there is no encounter)."""
         order, enc = self.data.order, self.data.encounter
         where: list[tuple[str, list[Mapping[str, Any]]]] = [
             (f"{ref(order)}#category", all_codings(order.get("category")))
@@ -485,8 +570,83 @@ class FactFinder:
                 note="the setting on record may qualify but does not show it",
             )
         if known:
-            return Fact(False, tuple(dict.fromkeys(known)), searched=True, note="the setting on record is another one")
+            return Fact(
+                None,
+                tuple(dict.fromkeys(known)),
+                searched=True,
+                note=f"the setting on record does not show {spec.display[0].lower()}{spec.display[1:]}",
+            )
         return Fact(None, searched=enc is not None, note="the setting of care is not on record")
+
+
+def _measured(obs: Mapping[str, Any], unit: str) -> Range | None:
+    """A result's value in ``unit`` (None when it has no numeric value or the unit does not convert)."""
+    vq = obs.get("valueQuantity")
+    value = vq.get("value") if isinstance(vq, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    assert isinstance(vq, Mapping)
+    from_unit = units.quantity_unit(vq)
+    if from_unit is None:
+        return None
+    try:
+        return Range.measured(units.convert(float(value), from_unit, unit), vq.get("comparator"))
+    except units.UnitError:
+        return None
+
+
+def _low_key(r: Range) -> tuple[float, int]:
+    """Orders results from the lowest: by the highest number each allows (``<1`` before ``1``)."""
+    return (float("inf") if r.hi is None else r.hi, 0 if r.hi_open else 1)
+
+
+def _high_key(r: Range) -> tuple[float, int]:
+    """Orders results up to the highest: by the lowest number each allows (``>5`` after ``5``)."""
+    return (float("-inf") if r.lo is None else r.lo, 1 if r.lo_open else 0)
+
+
+# v3 ObservationInterpretation: below the low normal limit, and within or above it
+_LOW = frozenset({"L", "LL", "LU", "<"})
+_NOT_LOW = frozenset({"N", "H", "HH", "HU", ">"})
+
+
+def _below_range(obs: Mapping[str, Any], value: Range, unit: str) -> bool | None:
+    """Whether a result lies under the lab's own reference range: the lab's interpretation flag (L, LL) when it gives
+    one, else the value against ``referenceRange.low`` (converted to ``unit``). None when the result says neither."""
+    for concept in obs.get("interpretation") or ():
+        for c in codings(concept):
+            code = str(c.get("code"))
+            if code in _LOW:
+                return True
+            if code in _NOT_LOW:
+                return False
+    for ref_range in obs.get("referenceRange") or ():
+        low = (ref_range or {}).get("low") if isinstance(ref_range, Mapping) else None
+        if not isinstance(low, Mapping) or isinstance(low.get("value"), bool):
+            continue
+        if not isinstance(low.get("value"), int | float):
+            continue
+        low_unit = units.quantity_unit(low)
+        try:
+            limit = units.convert(float(low["value"]), low_unit or "", unit)
+        except units.UnitError:
+            continue
+        if value.hi is not None and (value.hi < limit or (value.hi_open and value.hi <= limit)):
+            return True
+        if value.lo is not None and value.lo >= limit:
+            return False
+    return None
+
+
+def _given(res: Mapping[str, Any]) -> bool:
+    """Whether a history resource shows the drug was given: a completed or in-progress MedicationAdministration,
+    or an active or completed MedicationStatement (not not-taken, intended, stopped before use ...)."""
+    kind, status = res.get("resourceType"), res.get("status")
+    if kind == "MedicationAdministration":
+        return status in ("completed", "in-progress")
+    if kind == "MedicationStatement":
+        return status in ("active", "completed")
+    return False
 
 
 def _qualitative(obs: Mapping[str, Any]) -> str | None:

@@ -39,7 +39,14 @@ KIND_TYPES: Mapping[str, str] = MappingProxyType(
 )
 CODED_KINDS = frozenset({"drug", "condition", "order_reason", "specialty", "lab", "lab_code", "procedure", "setting"})
 STRENGTHS = frozenset({"proof", "partial"})
-_INPUT_KEYS = {"kind", "type", "display", "unit", "question", "options", "drug", "mode", "recency_days"}
+_INPUT_KEYS = {"kind", "type", "display", "unit", "question", "options", "drug", "mode", "recency_days", "pick"}
+# medication_history modes: any record of the drug (ever), a current one (current), or one showing it was given
+# (administered: a completed / in-progress MedicationAdministration or an active / completed MedicationStatement;
+# an earlier order only suggests it)
+HISTORY_MODES = ("ever", "current", "administered")
+# which result a lab input reads: the latest (default), the lowest or the highest at any date (a diagnostic
+# baseline, a historical peak), or the one before the latest (a re-test's predecessor)
+LAB_PICKS = ("latest", "lowest", "highest", "previous")
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,9 @@ class InputDef:
     unit: str | None = None  # quantity inputs: the unit facts are converted to
     options: tuple[tuple[str, str], ...] = ()  # code inputs: (code, display)
     drug: str | None = None  # medication_history: the drug input whose codes it looks for
-    mode: str = "ever"  # medication_history: ever | current
+    mode: str = "ever"  # medication_history: one of HISTORY_MODES
     recency_days: int | None = None  # default window for lab results
+    pick: str = "latest"  # lab / lab_code: which result is read (LAB_PICKS; lowest / highest: quantities only)
 
 
 @dataclass(frozen=True)
@@ -154,12 +162,19 @@ def _input(file: str, name: str, spec: Any) -> InputDef:
         raise MappingLoadError(file, f"{name}.options", "only code inputs have options")
     mode = str(spec.get("mode", "ever"))
     if kind == "medication_history":
-        if mode not in ("ever", "current"):
-            raise MappingLoadError(file, f"{name}.mode", "must be 'ever' or 'current'")
+        if mode not in HISTORY_MODES:
+            raise MappingLoadError(file, f"{name}.mode", f"must be one of {', '.join(HISTORY_MODES)}")
         if not spec.get("drug"):
             raise MappingLoadError(file, f"{name}.drug", "a medication_history input names its drug input")
     elif "drug" in spec or "mode" in spec:
         raise MappingLoadError(file, name, "'drug' and 'mode' belong to medication_history inputs")
+    pick = str(spec.get("pick", "latest"))
+    if "pick" in spec:
+        if kind not in ("lab", "lab_code"):
+            raise MappingLoadError(file, f"{name}.pick", "only lab inputs choose which result they read")
+        if pick not in LAB_PICKS or (kind == "lab_code" and pick in ("lowest", "highest")):
+            allowed = LAB_PICKS if kind == "lab" else ("latest", "previous")
+            raise MappingLoadError(file, f"{name}.pick", f"must be one of {', '.join(allowed)}")
     recency = spec.get("recency_days")
     if recency is not None and (not isinstance(recency, int) or recency <= 0):
         raise MappingLoadError(file, f"{name}.recency_days", "must be a positive whole number")
@@ -174,6 +189,7 @@ def _input(file: str, name: str, spec: Any) -> InputDef:
         drug=spec.get("drug"),
         mode=mode,
         recency_days=recency,
+        pick=pick,
     )
 
 

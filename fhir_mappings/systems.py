@@ -16,12 +16,30 @@ POS = "https://www.cms.gov/Medicare/Coding/place-of-service-codes/Place_of_Servi
 ACTCODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 HSLOC = "https://www.cdc.gov/nhsn/cdaportal/terminology/codesystem/hsloc.html"
 NPI = "http://hl7.org/fhir/sid/us-npi"
+# FHIR R4 MedicationRequest.category (inpatient, outpatient, community, discharge): where the drug is meant to be used
+MEDREQ_CATEGORY = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
 # not a code system: a product identified by the name on the order (text or display), for products with no NDC or
 # RxNorm code in any source read (Regiocit); rows name one lower-case word
 PRODUCT_NAME = "urn:cds:product-name"
 
 CANONICAL = frozenset(
-    {HCPCS, NDC, RXNORM, LOINC, ICD10CM, SNOMED, NUCC, CPT, ICD10PCS, POS, ACTCODE, HSLOC, NPI, PRODUCT_NAME}
+    {
+        HCPCS,
+        NDC,
+        RXNORM,
+        LOINC,
+        ICD10CM,
+        SNOMED,
+        NUCC,
+        CPT,
+        ICD10PCS,
+        POS,
+        ACTCODE,
+        HSLOC,
+        NPI,
+        MEDREQ_CATEGORY,
+        PRODUCT_NAME,
+    }
 )
 
 ALIASES: dict[str, str] = {

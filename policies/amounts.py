@@ -3,12 +3,21 @@
 Each figure is ``(amount, unit, how)``: the amount over a window of days, the unit it is in (UCUM), and a short text
 saying how it was computed. Problems (a unit we cannot convert, a dosage without timing) are returned beside the
 figures so that a caller can say why a figure is missing; nothing here guesses.
+
+As-needed (PRN) dosages are not extrapolated over the window (review C6). IP0356: "maximum doses in this policy
+allow for prophylactic dosing plus three days of acute episodes or perioperative management per 28 days"; IP0355:
+"... three days of acute bleeding per 28 days". A PRN order's frequency is the shortest interval allowed between
+doses, not the use: "90 mcg/kg every 2 hours as needed" is not 336 doses in 28 days. So a PRN dosage counts only what
+the order itself bounds: its ``maxDosePerPeriod`` (per day, over the window, and within ``boundsDuration`` /
+``count``), or its ``count`` of administrations. With neither, the dosage gives no figure (a problem says so), the
+dispense quantity decides, and with no dispense either the rule is left undecided and asked. Scheduled dosing is
+unchanged: with no ``boundsDuration``, ``count`` or supply duration it continues for the whole window.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fhir_mappings import units
@@ -119,8 +128,20 @@ def _known_unit(q: Any) -> str | None:
     return units.ucum(unit) if unit and units.is_known(unit) else None
 
 
-def _max_per_day(di: Mapping[str, Any], unit: str) -> float | None:
-    """The dosage's maxDosePerPeriod as an amount per day in ``unit`` (PRN orders), when it can be read."""
+Convert = Callable[[float, str, str], float]  # (amount, from unit, to unit); raises units.UnitError
+PRN_UNCOUNTED = (
+    "the dosage is as needed with no maximum dose per period or count, so it is not counted over the whole window"
+)
+
+
+def as_needed(di: Mapping[str, Any]) -> bool:
+    """The dosage is taken as needed (``asNeededBoolean`` true, or an ``asNeededCodeableConcept`` reason)."""
+    return di.get("asNeededBoolean") is True or isinstance(di.get("asNeededCodeableConcept"), Mapping)
+
+
+def _max_per_day(di: Mapping[str, Any], unit: str, convert: Convert = units.convert) -> float | None:
+    """The dosage's maxDosePerPeriod as an amount per day in ``unit``, when it can be read (``convert`` may know
+    more than UCUM, e.g. a tablet's strength: "12 tablets per 24 h" against a dose in mcg)."""
     ratio = di.get("maxDosePerPeriod")
     if not isinstance(ratio, Mapping):
         return None
@@ -129,17 +150,23 @@ def _max_per_day(di: Mapping[str, Any], unit: str) -> float | None:
     if num_unit is None or not period:
         return None
     try:
-        return units.convert(float(numerator["value"]), num_unit, unit) / period  # type: ignore[index]
+        return convert(float(numerator["value"]), num_unit, unit) / period  # type: ignore[index]
     except units.UnitError:
         return None
 
 
-def dosage_figures(order: Mapping[str, Any], window: float) -> tuple[list[Figure], list[str]]:
-    """Dose × administrations per day × days in the window, capped by maxDosePerPeriod, boundsDuration and count."""
+def dosage_figures(
+    order: Mapping[str, Any], window: float, convert: Convert = units.convert
+) -> tuple[list[Figure], list[str]]:
+    """Dose × administrations per day × days in the window, capped by maxDosePerPeriod, boundsDuration and count.
+
+    An as-needed dosage is never extrapolated from its frequency (see the module text): it counts its
+    maxDosePerPeriod, or its count of administrations, or nothing."""
     figures: list[Figure] = []
     problems: list[str] = []
     for di in order.get("dosageInstruction") or ():
         repeat = ((di.get("timing") or {}).get("repeat")) or {}
+        prn = as_needed(di)
         for dr in di.get("doseAndRate") or ():
             dq = dr.get("doseQuantity") or (dr.get("doseRange") or {}).get("high")
             if not isinstance(dq, Mapping) or not isinstance(dq.get("value"), int | float):
@@ -148,31 +175,50 @@ def dosage_figures(order: Mapping[str, Any], window: float) -> tuple[list[Figure
             if unit is None:
                 problems.append(f"dose unit {units.quantity_unit(dq)!r} is not one we can convert")
                 continue
+            dose = float(dq["value"])
+            count = repeat.get("countMax") or repeat.get("count")
+            count = count if isinstance(count, int) and not isinstance(count, bool) else None
             freq = repeat.get("frequencyMax") or repeat.get("frequency") or 1
             period, punit = repeat.get("period"), repeat.get("periodUnit")
-            if not isinstance(period, int | float) or punit not in PERIOD_DAYS or period <= 0:
+            per_day: float | None = None
+            how = f"{dose:g} {unit}"
+            if isinstance(period, int | float) and punit in PERIOD_DAYS and period > 0:
+                per_day = dose * float(freq) / (float(period) * PERIOD_DAYS[str(punit)])
+                how = f"{how} × {freq:g} every {period:g} {punit}"
+            cap = _max_per_day(di, unit, convert)
+            if prn:
+                how = f"{how} as needed"
+                if cap is not None:
+                    # the frequency is the shortest interval allowed, so it bounds the use as well
+                    if per_day is None or cap < per_day:
+                        per_day, how = cap, f"{how}, at most {cap:g} {unit} a day"
+                elif count is not None:
+                    figures.append((dose * count, unit, f"{how}, at most {count} doses"))
+                    continue
+                else:
+                    problems.append(PRN_UNCOUNTED)
+                    continue
+            elif per_day is not None and cap is not None and cap < per_day:
+                per_day, how = cap, f"{how}, at most {cap:g} {unit} a day"
+            if per_day is None:
                 problems.append("the dosage has no timing period to compute an amount per day")
                 continue
-            per_day = float(dq["value"]) * float(freq) / (float(period) * PERIOD_DAYS[punit])
-            how = f"{dq['value']:g} {unit} × {freq:g} every {period:g} {punit}"
-            cap = _max_per_day(di, unit)
-            if cap is not None and cap < per_day:
-                per_day, how = cap, f"{how}, at most {cap:g} {unit} a day"
             total = per_day * window
             bounds = days(repeat.get("boundsDuration"))
             if bounds is not None:
                 total = min(total, per_day * bounds)
-            if isinstance(repeat.get("count"), int):
-                total = min(total, float(dq["value"]) * (repeat.get("countMax") or repeat["count"]))
+            if count is not None:
+                total = min(total, dose * count)
             figures.append((total, unit, how))
     return figures, problems
 
 
 def dispense_figure(
-    order: Mapping[str, Any], window: float, *, unitless: str | None = None
+    order: Mapping[str, Any], window: float, *, unitless: str | None = None, every_fill: bool = False
 ) -> tuple[Figure | None, list[str]]:
     """Quantity per fill × fills in the window (fills allowed, spread over expectedSupplyDuration; one fill when no
-    supply duration is given). ``unitless`` names the unit of a quantity sent without one (e.g. billing units)."""
+    supply duration is given). ``unitless`` names the unit of a quantity sent without one (e.g. billing units).
+    ``every_fill``: the quantity of every fill the order allows, whatever the window (a limit per authorization)."""
     disp = order.get("dispenseRequest") or {}
     qty = disp.get("quantity")
     if not isinstance(qty, Mapping) or not isinstance(qty.get("value"), int | float):
@@ -182,7 +228,9 @@ def dispense_figure(
         return None, [f"dispense quantity unit {units.quantity_unit(qty)!r} is not one we can convert"]
     fills_allowed = 1 + int(disp.get("numberOfRepeatsAllowed") or 0)
     supply = days(disp.get("expectedSupplyDuration"))
-    if supply:
+    if every_fill:
+        fills = float(fills_allowed)
+    elif supply:
         fills = window / supply if supply > window else min(float(fills_allowed), max(1.0, window / supply))
     else:
         fills = 1.0

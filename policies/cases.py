@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from fhir_mappings import units
-from fhir_mappings.extract import Fact, Range, age_range
+from fhir_mappings.extract import NO_REASONS, Fact, Range, Reasons, age_range
 from fhir_mappings.loader import Mappings
 from policies.engine import Answers, Decision, Determination, Quantity, evaluate
 from policies.loader import read_cases
 from policies.model import Policy, Product, State
 from policies.questions import open_questions
 
-_CASE_KEYS = {"note", "product", "today", "facts", "answers", "order", "want"}
+_CASE_KEYS = {"note", "product", "today", "facts", "reason", "answers", "order", "want"}
 _WANT_KEYS = {
     "decision",
     "indication",
@@ -45,12 +45,33 @@ class CaseError(ValueError):
 
 
 class StaticFacts:
-    """Facts given by name, as a case states them."""
+    """Facts given by name, as a case states them. ``reason`` is what the order's own reason names: diagnosis inputs
+    as ``true`` (a code that proves it) or ``partial`` (one that suggests it), or ``{}`` for a coded reason that maps
+    to no input; without it the order states no reason."""
 
-    def __init__(self, mappings: Mappings, given: Mapping[str, Any], today: date) -> None:
+    def __init__(
+        self, mappings: Mappings, given: Mapping[str, Any], today: date, reason: Mapping[str, Any] | None = None
+    ) -> None:
         self.mappings = mappings
         self.given = dict(given)
         self.today = today
+        self.stated = None if reason is None else dict(reason)
+
+    def reasons(self) -> Reasons:
+        if self.stated is None:
+            return NO_REASONS
+        matched = {str(k): v is True for k, v in self.stated.items()}
+        return Reasons(matched, ("case:reason",) if matched else (), coded=True)
+
+    def reason(self, name: str) -> Fact:
+        if self.mappings.inputs[name].kind != "condition":
+            return self.get(name)
+        raw = (self.stated or {}).get(name)
+        if raw is True:
+            return Fact(True, ("case:reason",), searched=True)
+        if raw == "partial":
+            return Fact(None, ("case:reason",), partial=True, searched=True, note="non-specific code")
+        return Fact(None, searched=True)
 
     def get(self, name: str) -> Fact:
         spec = self.mappings.inputs[name]
@@ -92,7 +113,10 @@ class StaticFacts:
             observed = self.today - timedelta(days=int(raw.get("days_ago", 0)))
         else:
             measured, observed = Range.exact(float(raw)), self.today
-        return Fact(measured, evidence, searched=True, observed=observed, window_days=spec.recency_days)
+        below = raw.get("below_range") if isinstance(raw, dict) else None
+        return Fact(
+            measured, evidence, searched=True, observed=observed, window_days=spec.recency_days, below_range=below
+        )
 
 
 def _quantity(value: Any, unit: str) -> dict[str, Any]:
@@ -185,7 +209,9 @@ def run_case(policy: Policy, mappings: Mappings, case: Mapping[str, Any], defaul
         raise CaseError("every case needs a note")
     today = date.fromisoformat(str(case.get("today") or defaults.get("today") or "2026-01-15"))
     product = _product(policy, case.get("product") or defaults.get("product"))
-    facts = StaticFacts(mappings, {**(defaults.get("facts") or {}), **(case.get("facts") or {})}, today)
+    facts = StaticFacts(
+        mappings, {**(defaults.get("facts") or {}), **(case.get("facts") or {})}, today, case.get("reason")
+    )
     order = build_order(case.get("order") if "order" in case else defaults.get("order"))
     answers = {**(defaults.get("answers") or {}), **(case.get("answers") or {})}
     det = evaluate(policy, product, mappings, facts, order, today, build_answers(answers))

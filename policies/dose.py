@@ -9,10 +9,16 @@ left undecided with a note naming it, and no answer to the rule's question settl
 
 - ``per_kg``: amount per kilogram of body weight over a window of days (IP0356, IP0355).
 - ``count_per_window``: counted units (tablets) over a window of hours; mass doses convert by the unit's strength.
+  With ``per_authorization: true`` the amount is the whole authorization: the course may not run longer than the
+  window, and every fill the order allows counts (Dsuvia, review C22).
 - ``units_per_dose``: billable units (kits) one approval covers, refills included (BCBSKS Hemgenix: one kit).
 - ``weight_band``: the kit NDC must be the one the policy's table gives for the patient's weight.
 - ``usual_rate``: an infusion rate above the usual dose is reviewed (no maximum is established), optionally only for
-  an age range.
+  an age range. When the age does not place the patient in or out of the range, the rule is met only if the rate is
+  within it whatever the age; otherwise the date of birth is asked (``ask="birthdate"``, linkId
+  :func:`birthdate_link`), never the weight first, and the rule is not applied to a patient it may not be for.
+
+As-needed (PRN) dosages are not extrapolated over the window: see :mod:`policies.amounts` (review C6).
 """
 
 from __future__ import annotations
@@ -20,13 +26,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from cds.constants import COVERAGE_INFO_URL
 from fhir_mappings import systems, units
-from fhir_mappings.extract import codings
+from fhir_mappings.extract import Range, age_range, codings
 from policies import amounts
 from policies.model import DoseRule, State
 
@@ -46,7 +52,9 @@ class DoseResult:
     computed: float | None = None  # the order's figure, in the rule's unit
     proposal: Mapping[str, Any] | None = None  # the order brought within the rule
     proposal_label: str = "Reduce the dose to the policy limit"
-    ask: str | None = None  # unknown only: "weight" (a body weight answers it) or "attest" (yes / no)
+    # unknown only: "weight" (a body weight answers it), "birthdate" (the date of birth places the patient in or out
+    # of the rule's age range; asked under birthdate_link(rule id)) or "attest" (yes / no)
+    ask: str | None = None
     impossible: bool = False  # unknown because the order or the weight states an amount no order can mean
 
     @property
@@ -178,12 +186,18 @@ def _limit_check(
     evidence: tuple[str, ...],
     context: Callable[[], str],
     unitless: str | None = None,
+    convert: amounts.Convert = units.convert,
+    every_fill: bool = False,
 ) -> DoseResult:
     """The common shape of a limit over a window: figures from dosage and dispense in the rule's unit (the converter
     returns None when it needs the body weight, raises UnitError when the units do not fit), the larger decides;
-    over the limit proposes the order scaled to it."""
-    dosage, problems = amounts.dosage_figures(order, window_days)
-    dispensed, more = amounts.dispense_figure(order, window_days, unitless=unitless)
+    over the limit proposes the order scaled to it. ``convert`` reads a maxDosePerPeriod in another unit than the
+    dose (a tablet's strength); ``every_fill`` counts every fill the order allows (a limit per authorization).
+
+    An as-needed dosage with no maximum gives no figure (:func:`policies.amounts.dosage_figures`): the dispense
+    decides, and the note says the dosage was not counted; with neither, the rule is unknown and asked."""
+    dosage, problems = amounts.dosage_figures(order, window_days, convert)
+    dispensed, more = amounts.dispense_figure(order, window_days, unitless=unitless, every_fill=every_fill)
     problems += more
     figures = [("dose", f) for f in dosage] + ([("dispense", dispensed)] if dispensed else [])
     if not figures:
@@ -209,6 +223,8 @@ def _limit_check(
         return DoseResult(rule, State.UNKNOWN, "; ".join(problems), ask="attest")
     where, computed, how = max(converted, key=lambda c: c[1])
     note = f"{num(computed)} {unit} per {per_window} ({how}{context()}); limit {num(limit)} {unit}"
+    if where == "dispense" and amounts.PRN_UNCOUNTED in problems:
+        note += f"; {amounts.PRN_UNCOUNTED}"
     if computed <= limit * (1 + 1e-9):
         return DoseResult(rule, State.MET, note, evidence, computed)
     factors = {w: min(1.0, limit / v) for w, v, _ in converted}
@@ -259,20 +275,94 @@ def _validate_per_kg(params: Mapping[str, Any]) -> str | None:
 # --- count_per_window ---
 
 
+def _strength_convert(strength: Any, counted_unit: str) -> amounts.Convert:
+    """UCUM conversion that also knows the strength of one counted unit ("30 ug": a tablet is 30 mcg), so that a
+    mass dose counts as tablets and "12 tablets per 24 h" caps a dose written in mcg."""
+
+    def convert(amount: float, from_unit: str, to_unit: str) -> float:
+        try:
+            return units.convert(amount, from_unit, to_unit)
+        except units.UnitError:
+            if not strength:
+                raise
+            value, s_unit = str(strength).split(" ", 1)
+            counted = units.dimension(counted_unit)
+            if units.dimension(from_unit) == counted:  # counted units to a mass
+                return units.convert(units.convert(amount, from_unit, counted_unit) * float(value), s_unit, to_unit)
+            if units.dimension(to_unit) == counted:  # a mass to counted units
+                return units.convert(units.convert(amount, from_unit, s_unit) / float(value), counted_unit, to_unit)
+            raise
+
+    return convert
+
+
+def _course_days(order: Mapping[str, Any]) -> tuple[float, str] | None:
+    """The longest course the order states: a dosage's boundsDuration, or the dispense's expected supply duration."""
+    found: list[tuple[float, str]] = []
+    for di in order.get("dosageInstruction") or ():
+        repeat = ((di.get("timing") or {}).get("repeat")) or {}
+        bounds = amounts.days(repeat.get("boundsDuration"))
+        if bounds is not None:
+            found.append((bounds, "the dosage duration"))
+    supply = amounts.days((order.get("dispenseRequest") or {}).get("expectedSupplyDuration"))
+    if supply is not None:
+        found.append((supply, "the expected supply duration"))
+    return max(found) if found else None
+
+
+def _bounded_course(order: Mapping[str, Any], hours: float) -> dict[str, Any]:
+    """The order with its course limited to ``hours`` (boundsDuration and expected supply duration)."""
+    proposal = _without_coverage_info(order)
+    limit = {"value": hours, "unit": "h", "system": systems.UCUM, "code": "h"}
+    for di in proposal.get("dosageInstruction") or ():
+        repeat = di.setdefault("timing", {}).setdefault("repeat", {})
+        bounds = amounts.days(repeat.get("boundsDuration"))
+        if bounds is not None and bounds > hours / 24:
+            repeat["boundsDuration"] = dict(limit)
+    disp = proposal.get("dispenseRequest")
+    if isinstance(disp, dict):
+        supply = amounts.days(disp.get("expectedSupplyDuration"))
+        if supply is not None and supply > hours / 24:
+            disp["expectedSupplyDuration"] = dict(limit)
+    return proposal
+
+
 def _check_count(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
     unit = units.ucum(str(rule.params["unit"]))
     strength = rule.params.get("strength")  # e.g. "30 ug": the drug in one counted unit
+    convert = _strength_convert(strength, unit)
 
     def counted(amount: float, amount_unit: str) -> float | None:
-        if units.dimension(amount_unit) == units.dimension(unit) or not strength:
-            return units.convert(amount, amount_unit, unit)  # or UnitError
-        value, s_unit = str(strength).split(" ", 1)
-        return units.convert(amount, amount_unit, s_unit) / float(value)
+        return convert(amount, amount_unit, unit)  # or UnitError
 
     hours = float(rule.params["per_hours"])
-    return _limit_check(
-        rule, order, float(rule.params["amount"]), unit, hours / 24, f"{hours:g} hours", counted, (), lambda: ""
-    )
+    limit = float(rule.params["amount"])
+    if not rule.params.get("per_authorization"):
+        return _limit_check(
+            rule, order, limit, unit, hours / 24, f"{hours:g} hours", counted, (), lambda: "", convert=convert
+        )
+
+    # the amount is the whole authorization (Dsuvia "Authorization is limited to 36 tablets per 72 hours", review
+    # C22): a course longer than the window is over it, and every fill counts
+    def whole(o: Mapping[str, Any]) -> DoseResult:
+        window = f"{hours:g} hours"
+        return _limit_check(
+            rule, o, limit, unit, hours / 24, window, counted, (), lambda: "", convert=convert, every_fill=True
+        )
+
+    course = _course_days(order)
+    if course is not None and course[0] > hours / 24 * (1 + 1e-9):
+        bounded = _bounded_course(order, hours)
+        within = whole(bounded)
+        proposal = within.proposal if within.proposal is not None else bounded
+        return DoseResult(
+            rule,
+            State.NOT_MET,
+            f"a course of {course[0] * 24:g} hours ({course[1]}); the authorization covers {hours:g} hours",
+            proposal=proposal,
+            proposal_label=f"Limit the course to {hours:g} hours",
+        )
+    return whole(order)
 
 
 def _validate_count(params: Mapping[str, Any]) -> str | None:
@@ -284,6 +374,8 @@ def _validate_count(params: Mapping[str, Any]) -> str | None:
             units.ucum(s_unit)
     except (units.UnitError, ValueError) as exc:
         return f"count_per_window: {exc} (strength is written like '30 ug')"
+    if not isinstance(params.get("per_authorization", False), bool):
+        return "count_per_window: per_authorization is true or false"
     return None
 
 
@@ -390,13 +482,88 @@ def _validate_band(params: Mapping[str, Any]) -> str | None:
 # --- usual_rate ---
 
 
+def birthdate_link(rule_id: str) -> str:
+    """The linkId of the date-of-birth question an age-banded rule asks: ``<indication>.birthdate``, the part of the
+    rule id before its first '.', so that the adult and the pediatric rule of one indication ask it once
+    (``C1701-Isuprel-1.dosing`` and ``C1701-Isuprel-1.dosing-pediatric`` both ask ``C1701-Isuprel-1.birthdate``)."""
+    return f"{rule_id.split('.', 1)[0]}.birthdate"
+
+
+def _placed(age: Range | None, low: float, high: float) -> bool | None:
+    """Is every age the range allows in [low, high) (True), none of them (False), or some (None)?"""
+    if age is None or age.lo is None or age.hi is None:
+        return None
+    if age.hi < low or age.lo >= high:
+        return False
+    if age.lo >= low and age.hi < high:
+        return True
+    return None
+
+
+def _age_band(rule: DoseRule, facts: Facts, answers: Answers, today: date) -> tuple[bool | None, str, tuple[str, ...]]:
+    """Whether the patient is in the rule's age range: from the record (Patient.birthDate), else from the date of
+    birth answered under :func:`birthdate_link`. A record and an answer that place the patient differently leave it
+    undecided (neither wins, as for criteria)."""
+    ages = rule.params["ages"]
+    low, high = float(ages[0]), float(ages[1])
+    fact = facts.get(AGE)
+    recorded = fact.value if isinstance(fact.value, Range) else None
+    on_record = _placed(recorded, low, high)
+    record_note = f"age {recorded.describe()} on record" if recorded is not None else fact.note or "no age on record"
+    link = birthdate_link(rule.id)
+    answer = answers.get(link)
+    if answer is None:
+        return on_record, record_note, fact.evidence
+    if isinstance(answer, date):
+        answer = answer.isoformat()
+    try:
+        answered = age_range(answer, today) if isinstance(answer, str) else None
+    except ValueError:
+        answered = None
+    if answered is None:
+        return on_record, f"{record_note}; the date of birth answer is not a date", fact.evidence
+    by_answer = _placed(answered, low, high)
+    evidence = fact.evidence + answers.evidence(link)
+    if on_record is not None and by_answer is not None and on_record != by_answer:
+        return None, f"the answered date of birth ({answer}) contradicts the record ({record_note})", evidence
+    if on_record is not None:
+        return on_record, record_note, fact.evidence
+    return by_answer, f"age {answered.describe()} (date of birth answered)", evidence
+
+
 def _check_rate(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
+    """An infusion rate against the usual dose, for the rule's age range when it has one (Isuprel adult ≥ 18 in
+    mcg/min, pediatric < 18 in mcg/kg/min; review C11).
+
+    Which range applies is an age fact, so an unknown age never applies the adult rule to a possible child or the
+    reverse: the rule is met only when the rate is within it whatever the age (then the age does not matter), and
+    otherwise the date of birth is asked before anything else (a weight would be asked of an adult for nothing)."""
     ages = rule.params.get("ages")
-    if ages:
-        age = facts.get(AGE).value
-        low, high = float(ages[0]), float(ages[1])
-        if age is not None and age.lo is not None and age.hi is not None and (age.hi < low or age.lo >= high):
-            return DoseResult(rule, State.MET, f"applies to ages {ages[0]}–{ages[1]}; not to this patient")
+    if not ages:
+        return _rate(rule, order, facts, answers, today)
+    band, age_note, age_evidence = _age_band(rule, facts, answers, today)
+    if band is False:
+        return DoseResult(
+            rule, State.MET, f"applies to ages {ages[0]}–{ages[1]}; not to this patient ({age_note})", age_evidence
+        )
+    result = _rate(rule, order, facts, answers, today)
+    if band is True:
+        return result
+    if result.state is State.MET:
+        return replace(result, note=f"{result.note}, whatever the patient's age ({age_note})")
+    if result.state is State.UNKNOWN and result.ask == "attest":
+        return result  # no rate to read: the rate question settles the rule at any age
+    return DoseResult(
+        rule,
+        State.UNKNOWN,
+        f"the usual dose for ages {ages[0]}–{ages[1]} applies only to a patient of that age, and the age is not "
+        f"settled ({age_note}): the date of birth is needed",
+        age_evidence,
+        ask="birthdate",
+    )
+
+
+def _rate(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers: Answers, today: date) -> DoseResult:
     unit = units.ucum(str(rule.params["unit"]))
     limit = float(rule.params["max"])
     rates, problems = amounts.rate_figures(order)

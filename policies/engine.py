@@ -7,17 +7,18 @@ storage or Flask; the same inputs always give the same :class:`Determination`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
 from enum import StrEnum
 from typing import Any, Protocol
 
 from fhir_mappings import units
-from fhir_mappings.extract import Fact, Range, age_range
+from fhir_mappings.extract import NO_REASONS, Fact, Range, Reasons, age_range
 from fhir_mappings.loader import InputDef, Mappings
+from policies import amounts
 from policies import dose as dose_rules
-from policies.model import Indication, Node, Policy, Product, State
+from policies.model import DoseRule, Indication, Node, Policy, Product, State
 
 
 class Decision(StrEnum):
@@ -31,6 +32,28 @@ class Decision(StrEnum):
 
 class Facts(Protocol):
     def get(self, name: str) -> Fact: ...
+
+    def reason(self, name: str) -> Fact:
+        """A diagnosis input read from the order's reason only (other inputs: as :meth:`get`)."""
+        ...
+
+    def reasons(self) -> Reasons: ...
+
+
+class _ReasonView:
+    """Facts as the order's reason states them: diagnoses from the reason alone, everything else from the record."""
+
+    def __init__(self, facts: Facts) -> None:
+        self.facts = facts
+
+    def get(self, name: str) -> Fact:
+        return self.facts.reason(name)
+
+    def reason(self, name: str) -> Fact:
+        return self.facts.reason(name)
+
+    def reasons(self) -> Reasons:
+        return self.facts.reasons()
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,8 @@ class Determination:
     not_covered: tuple[Finding, ...] = ()  # not-covered uses that apply (their `when` is met)
     doses: tuple[dose_rules.DoseResult, ...] = ()
     notes: tuple[str, ...] = ()
+    reasons: Reasons = NO_REASONS  # what the order's own reason names
+    outside_reason: bool = False  # the order's reason is a disorder none of the product's indications covers
 
     @property
     def authorization_months(self) -> int | None:
@@ -120,16 +145,23 @@ class Determination:
         return tuple(out)
 
     def failed(self) -> tuple[Finding, ...]:
-        """Criteria with an id that are definitively not met, most specific first."""
-        out = []
+        """Criteria with an id that are definitively not met, most specific first. A not-met alternative inside a
+        group that is still open (one of several, the others unknown) is not a reason, and neither is the
+        continuation test of a request that is not a continuation."""
+        out: list[Finding] = []
+
+        def visit(f: Finding) -> None:
+            if f.state is not State.NOT_MET:
+                return  # below an open or met group nothing has failed the request
+            if f.id and not any(c.id and c.state is State.NOT_MET for c in f.walk()[1:]):
+                out.append(f)
+            for child in f.children:
+                visit(child)
+
         for finding in self.findings():
-            for f in finding.walk():
-                if (
-                    f.id
-                    and f.state is State.NOT_MET
-                    and not any(c.id and c.state is State.NOT_MET for c in f.walk()[1:])
-                ):
-                    out.append(f)
+            if finding is self.renewal and not self.continuation:
+                continue
+            visit(finding)
         return tuple(dict.fromkeys(out))
 
 
@@ -187,7 +219,12 @@ class _Evaluator:
         else:  # not
             state = {State.MET: State.NOT_MET, State.NOT_MET: State.MET}.get(states[0], State.UNKNOWN)
         evidence = tuple(dict.fromkeys(e for c in children if c.state is state for e in c.evidence))
-        return Finding(node, state, evidence, children=children)
+        # an open group keeps what weaker evidence below it suggests (a non-specific code prefills the question): one of
+        # "any" suggested is enough; "all" is suggested only when every open part of it is
+        open_ = [c for c in children if c.state is State.UNKNOWN]
+        hints = [c.partial for c in open_ if c.partial]
+        partial = hints[0] if hints and (node.op == "any" or len(hints) == len(open_)) else None
+        return Finding(node, state, evidence, partial=partial if state is State.UNKNOWN else None, children=children)
 
     def _leaf(self, node: Node) -> Finding:
         if node.op == "attested":
@@ -208,6 +245,10 @@ class _Evaluator:
         stale = self._stale(node, fact)
         if stale:
             return Finding(node, State.UNKNOWN, fact.evidence, stale, partial=fact.partial)
+        if node.op == "below_range":
+            below = fact.below_range
+            state = State.UNKNOWN if below is None else State.MET if below else State.NOT_MET
+            return Finding(node, state, fact.evidence, fact.note or "no reference range on the result")
         if node.op == "is":
             if fact.value is None:
                 return Finding(node, State.UNKNOWN, fact.evidence, fact.note, partial=fact.partial)
@@ -251,10 +292,10 @@ class _Evaluator:
                 return Finding(node, State.UNKNOWN, evidence, "the answer is not yes or no", children=children)
             return Finding(node, State.MET if answer else State.NOT_MET, evidence, "answered", children=children)
         spec = self.inputs[node.input or ""]
-        if node.op in ("present", "absent"):
+        if node.op in ("present", "absent", "below_range"):
             if not isinstance(answer, bool):
                 return Finding(node, State.UNKNOWN, evidence, "the answer is not yes or no")
-            met = answer if node.op == "present" else not answer
+            met = answer if node.op != "absent" else not answer
             return Finding(node, State.MET if met else State.NOT_MET, evidence, "answered")
         if node.op == "is":
             state = State.MET if answer == node.value else State.NOT_MET
@@ -327,8 +368,10 @@ def evaluate(
     order: Mapping[str, Any],
     today: date,
     answers: Answers = NO_ANSWERS,
+    companions: Sequence[Mapping[str, Any]] = (),
 ) -> Determination:
-    """Decide one order against one product of one policy."""
+    """Decide one order against one product of one policy. ``companions`` are the other orders for the same product
+    signed with it: a dose limit per window holds for them together (:func:`_together`)."""
     ev = _Evaluator(mappings, facts, answers, today)
     reauth = product.reauthorization
     renewal = None
@@ -338,16 +381,25 @@ def evaluate(
     notes: list[str] = []
 
     chosen_id = ev.selection(product)
+    stated = facts.reasons()
     diagnoses = [(ind, ev.node(ind.diagnosis)) for ind in product.indications]
+    named = _named_by_reason(product, stated, mappings)
+    outside = chosen_id is None and stated.coded and not named and _names_a_disorder(policy, stated)
     if chosen_id is not None:
         candidates = [
             (ind, Finding(ind.diagnosis, State.MET, answers.evidence(product.selection_id), "answered"))
             for ind, _ in diagnoses
             if ind.id == chosen_id
         ]
+    elif outside:
+        # the order is for a disorder none of the indications covers: "any other use" (no indication is assessed)
+        candidates = []
+        codes = ", ".join(_reason_codes(stated, mappings))
+        notes.append(f"the order's reason ({codes}) is not one of the {policy.number} indications")
     else:
-        established = [(ind, f) for ind, f in diagnoses if f.state is State.MET]
-        candidates = established or [(ind, f) for ind, f in diagnoses if f.state is not State.NOT_MET]
+        pool = [(ind, f) for ind, f in diagnoses if not named or ind.id in named]
+        established = [(ind, f) for ind, f in pool if f.state is State.MET]
+        candidates = established or [(ind, f) for ind, f in pool if f.state is not State.NOT_MET]
     candidate_ids = {ind.id for ind, _ in candidates}
     others = tuple(f for ind, f in diagnoses if ind.id not in candidate_ids)
     established_any = any(f.state is State.MET for _, f in candidates)
@@ -373,22 +425,39 @@ def evaluate(
 
     not_covered: list[Finding] = []
     if not established_any and (chosen_id is None or not candidates):
+        # uses the document names as not covered; for an order whose reason is another disorder, as the reason says
+        judge = _Evaluator(mappings, _ReasonView(facts), answers, today) if outside else ev
         not_covered = [
             f
-            for f in (_labelled(nc.id, nc.title, ev.node(nc.when)) for nc in product.not_covered)
+            for f in (_labelled(nc.id, nc.title, judge.node(nc.when)) for nc in product.not_covered)
             if f.state is State.MET
         ]
 
     met = [r for r in results if r.state is State.MET]
-    chosen = met[0] if met else None
-    doses: list[dose_rules.DoseResult] = []
     unknown = [r for r in results if r.state is State.UNKNOWN]
+
+    def dose_results(result: IndicationResult) -> list[dose_rules.DoseResult]:
+        out = []
+        for rule in product.dosing + result.indication.dosing:
+            own = dose_rules.check(rule, order, facts, answers, today)
+            others = [dose_rules.check(rule, c, facts, NO_ANSWERS, today) for c in companions]
+            out.append(_together(own, others, product) if others else own)
+        return out
+
     # the dose is checked for the indication that is met, or for the one still open (so everything that will be
-    # needed is said at once); with several open indications the limit is not known yet
-    dosed = chosen if chosen is not None else unknown[0] if len(unknown) == 1 and not not_covered else None
-    if dosed is not None:
-        for rule in product.dosing + dosed.indication.dosing:
-            doses.append(dose_rules.check(rule, order, facts, answers, today))
+    # needed is said at once); with several open indications the limit is not known yet. When several are met, the
+    # one whose dose rules the order meets is chosen (each indication has its own limit), else the first in order.
+    chosen, doses = None, []
+    for result in met:
+        checked = dose_results(result)
+        if chosen is None or (
+            all(d.state is State.MET for d in checked) and not all(d.state is State.MET for d in doses)
+        ):
+            chosen, doses = result, checked
+    if chosen is None and len(unknown) == 1 and not not_covered:
+        doses = dose_results(unknown[0])
+    if not doses:
+        doses = _order_check(policy, order)  # no dose rule applies: an order no one can give is still not approved
 
     if not_covered:
         decision = Decision.NOT_COVERED
@@ -425,6 +494,8 @@ def evaluate(
         not_covered=tuple(not_covered),
         doses=tuple(doses),
         notes=tuple(notes),
+        reasons=stated,
+        outside_reason=outside,
     )
 
 
@@ -436,3 +507,73 @@ def _labelled(ident: str, text: str, finding: Finding) -> Finding:
 
 def _selection_node(product: Product) -> Node:
     return Node(op="attested", id=product.selection_id, text=f"Which indication is {product.title} requested for?")
+
+
+def diagnosis_inputs(node: Node, mappings: Mappings) -> frozenset[str]:
+    """The diagnosis inputs an indication's diagnosis criterion tests."""
+    return frozenset(
+        n.input
+        for n in node.walk()
+        if n.op == "present" and n.input and mappings.inputs[n.input].kind in ("condition", "order_reason")
+    )
+
+
+def _named_by_reason(product: Product, stated: Reasons, mappings: Mappings) -> frozenset[str]:
+    """The indications the order's reason names (a code that proves or suggests their diagnosis)."""
+    if not stated.coded:
+        return frozenset()
+    return frozenset(
+        ind.id for ind in product.indications if diagnosis_inputs(ind.diagnosis, mappings) & stated.matched.keys()
+    )
+
+
+def _names_a_disorder(policy: Policy, stated: Reasons) -> bool:
+    """Whether the reason names a disorder some policy treats as an indication (hemophilia A, factor VII deficiency,
+    ...). A reason that names only an event such as a bleed does not: bleeds are what covered orders treat, so the
+    record then decides as if no reason were given."""
+    return bool(stated.matched.keys() & policy.indication_inputs)
+
+
+def _reason_codes(stated: Reasons, mappings: Mappings) -> list[str]:
+    return [mappings.inputs[name].display for name in sorted(stated.matched) if name in mappings.inputs][:3]
+
+
+def _order_check(policy: Policy, order: Mapping[str, Any]) -> list[dose_rules.DoseResult]:
+    """For a product without dose rules: an order stating an amount no order can mean (a dose of 0) stays open."""
+    problems = amounts.impossible(order)
+    if not problems:
+        return []
+    rule = DoseRule(
+        id=f"{policy.number}-order",
+        kind="order",
+        text="The order states a dose, quantity and timing that can be given",
+    )
+    return [dose_rules.DoseResult(rule, State.UNKNOWN, "; ".join(problems), impossible=True)]
+
+
+def _together(
+    own: dose_rules.DoseResult, others: list[dose_rules.DoseResult], product: Product
+) -> dose_rules.DoseResult:
+    """A per-kg limit over a window, for an order signed with others of the same product: the figures add up (two
+    orders each within 10,800 mcg/kg per 28 days are not within it together). The other kinds of rule count their
+    own order (a kit per approval, a rate, tablets per 72 hours are read per order)."""
+    rule = own.rule
+    if rule.kind != "per_kg" or own.state is not State.MET or own.computed is None:
+        return own
+    if any(o.computed is None for o in others):
+        return replace(
+            own,
+            state=State.UNKNOWN,
+            note=f"{own.note}; the other {product.title} order of this call could not be counted with it",
+            ask="attest",
+        )
+    total = own.computed + sum(o.computed or 0.0 for o in others)
+    limit = float(rule.params["amount"])
+    if total <= limit:
+        return own
+    unit, days = rule.params.get("unit", ""), rule.params.get("per_days", "")
+    note = (
+        f"{total:,.0f} {unit} per {days} days for the {len(others) + 1} {product.title} orders of this call together"
+        f" (this one {own.computed:,.0f}); limit {limit:,.0f} {unit}"
+    )
+    return replace(own, state=State.NOT_MET, computed=total, note=note, proposal=None)

@@ -73,7 +73,8 @@ def failed_text(det: Determination) -> str:
         nc = det.not_covered[0]
         return f"{nc.id} {nc.node.text}: {det.product.other_use.text}"
     if not det.indications:
-        return f"{det.product.other_use.id}: {det.product.other_use.text}"
+        why = f" ({'; '.join(det.notes)})" if det.notes else ""
+        return f"{det.product.other_use.id}: {det.product.other_use.text}{why}"
     failed = det.failed()
     parts = [f"{f.id} {f.node.text} (not met{': ' + f.note if f.note else ''})" for f in failed[:3]]
     if det.notes:

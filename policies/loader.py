@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -163,6 +163,17 @@ class _Reader:
         if within is not None:
             if spec.kind not in ("lab", "lab_code") or not isinstance(within, int) or within <= 0:
                 raise self.fail(f"{place}.within_days", "a positive number of days, for lab inputs only")
+        if op == "below_range":
+            if spec.kind != "lab" or set(raw) & {"value", "unit"}:
+                raise self.fail(place, "'below_range' tests a lab input against the lab's own range; it takes no value")
+            return Node(
+                op=op,
+                id=ident,
+                text=text or f"{spec.display} below the reference range",
+                input=spec.name,
+                shown="below the reference range",
+                within_days=within,
+            )
         if op in _QUALITATIVE:
             if spec.type != "boolean":
                 raise self.fail(f"{place}.op", f"'{op}' needs a yes/no input; {name} is {spec.type}")
@@ -464,4 +475,13 @@ def load_policies(mappings: Mappings, directory: Path | None = None) -> PolicySe
         if policy.id != folder.name:
             raise PolicyLoadError(str(folder / "policy.yaml"), "id", f"must equal the folder name '{folder.name}'")
         policies[policy.id] = policy
-    return PolicySet(MappingProxyType(policies))
+    from policies.engine import diagnosis_inputs
+
+    disorders = frozenset(
+        name
+        for policy in policies.values()
+        for product in policy.products
+        for ind in product.indications
+        for name in diagnosis_inputs(ind.diagnosis, mappings)
+    )
+    return PolicySet(MappingProxyType({k: replace(p, indication_inputs=disorders) for k, p in policies.items()}))

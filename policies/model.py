@@ -22,7 +22,8 @@ class State(StrEnum):
 
 COMPARISONS = (">=", ">", "<=", "<")
 # the whole rule vocabulary: three combinators and these leaf operators (checked when policies load)
-LEAF_OPS = frozenset({"present", "absent", "attested", "is", *COMPARISONS})
+# "below_range": a lab result under the lab's own reference range (its L / LL flag, or value < referenceRange.low)
+LEAF_OPS = frozenset({"present", "absent", "attested", "is", "below_range", *COMPARISONS})
 # all / any / not as usual; "tests": children are tests of one fact (a failed one decides, else a passed one; tests
 # not done do not count), e.g. an inhibitor titer and an inhibitor screen
 GROUP_OPS = frozenset({"all", "any", "not", "tests"})
@@ -166,6 +167,9 @@ class Policy:
     products: tuple[Product, ...]
     path: str
     content_hash: str
+    # diagnosis inputs that are an indication of some loaded policy (a reason naming one of them names a disorder,
+    # not an event such as a bleed); set when the policy set is loaded
+    indication_inputs: frozenset[str] = frozenset()
 
     @property
     def ref(self) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_mappings.loader import Mappings
-from policies.dose import DOSE_KINDS
+from policies.dose import DOSE_KINDS, birthdate_link
 from policies.engine import Decision, Determination, Finding
 from policies.model import COMPARISONS, Node, State
 
@@ -50,7 +50,11 @@ def open_questions(det: Determination, mappings: Mappings) -> tuple[Question, ..
             )
         )
     if det.chosen is None:
-        for result in candidates:
+        # when the record suggests one indication (a non-specific code), only its documentation is asked: the
+        # indication question is prefilled with it, and choosing another there means a new request
+        suggested = det.selection.partial if det.selection is not None else None
+        asked = [r for r in candidates if r.indication.id == suggested] if suggested else candidates
+        for result in asked:
             when = (product.selection_id, result.indication.id) if det.selection is not None else None
             findings = result.findings[1:] if det.selection is not None else result.findings
             for finding in findings:
@@ -95,6 +99,16 @@ def open_questions(det: Determination, mappings: Mappings) -> tuple[Question, ..
 def _dose_question(link_id: str, ask: str, criterion: str, attest_text: str) -> Question:
     if ask == "weight":
         return Question(link_id, "quantity", "Patient's current body weight", criterion=criterion, unit="kg")
+    if ask == "birthdate":
+        # an age-banded dose rule that cannot place the patient (review C11): the date of birth, asked once for the
+        # rules of one indication (birthdate_link), before any body weight
+        return Question(
+            birthdate_link(link_id),
+            "date",
+            "Patient's date of birth",
+            criterion=criterion,
+            hint="The usual dose differs by age; a body weight is asked only if the dose for this age needs one.",
+        )
     return Question(link_id, "boolean", attest_text, criterion=criterion)
 
 
@@ -102,15 +116,37 @@ def _has_id_below(node: Node) -> bool:
     return any(n.id for n in node.walk()[1:])
 
 
+def _parts(finding: Finding, asked: set[str]) -> list[Finding] | None:
+    """The undecided parts of a group that have questions of their own (ids), or None when some undecided part has
+    none: then the group is asked as one item. A part without an id is no obstacle when the same test is asked
+    under an id elsewhere in the group (a result that counts twice, e.g. hepatitis C RNA), or when it is a group
+    whose own undecided parts are all asked."""
+    out: list[Finding] = []
+    for child in finding.children:
+        if child.state is not State.UNKNOWN:
+            continue
+        if child.node.id:
+            out.append(child)
+        elif child.node.is_leaf:
+            if child.node.input not in asked:
+                return None
+        else:
+            inner = _parts(child, asked)
+            if inner is None:
+                return None
+            out.extend(inner)
+    return out
+
+
 def _ask(finding: Finding, mappings: Mappings, when: tuple[str, str] | None) -> list[Question]:
     if finding.state is not State.UNKNOWN:
         return []
     node = finding.node
     if not node.is_leaf:
-        unknown = [c for c in finding.children if c.state is State.UNKNOWN]
-        if node.id and (not unknown or not all(c.node.id for c in unknown)):
+        parts = _parts(finding, {n.input for n in node.walk() if n.id and n.is_leaf and n.input})
+        if node.id and not parts:
             return [Question(node.id, "boolean", node.text, criterion=node.text, enable_when=when)]
-        return [q for c in unknown for q in _ask(c, mappings, when)]
+        return [q for c in parts or () for q in _ask(c, mappings, when)]
     assert node.id is not None  # leaves are reached only through criteria with ids
     if node.op == "attested":
         return [Question(node.id, "boolean", node.text, criterion=node.text, enable_when=when)]
@@ -126,6 +162,17 @@ def _ask(finding: Finding, mappings: Mappings, when: tuple[str, str] | None) -> 
                 criterion=node.text,
                 enable_when=when,
                 prefill=True if prefill else None,
+            )
+        ]
+    if node.op == "below_range":
+        return [
+            Question(
+                node.id,
+                "boolean",
+                f"Is the {spec.display.lower()} below the laboratory's reference range?",
+                criterion=node.text,
+                enable_when=when,
+                hint=hint,
             )
         ]
     if node.op == "is":

@@ -35,7 +35,7 @@ def in_encounter(body: dict[str, Any], klass: str, **extra: Any) -> dict[str, An
 
 def test_an_unlisted_drug_under_j3490_falls_back_to_the_general_criteria(client: FlaskClient) -> None:
     _, info = decide(client, hook_request([j3490(text="Some compounded product")]))
-    assert info["pa-needed"] == ["auth-needed"] and info["reason"][0]["text"].startswith("cigna-1701|1:")
+    assert info["pa-needed"] == ["auth-needed"] and info["reason"][0]["text"].startswith("cigna-1701|2:")
     assert asked(client, info) == ["C1701-1A", "C1701-1B"]
 
 
@@ -111,7 +111,7 @@ def test_regiocit_is_known_by_its_name_and_needs_a_critical_care_setting(client:
     )
     body = in_encounter(body, "IMP", location=[{"location": {"reference": "Location/loc-icu"}}])
     _, info = decide(client, body)
-    assert info["reason"][0]["text"].startswith("cigna-1701|1:")
+    assert info["reason"][0]["text"].startswith("cigna-1701|2:")
     assert asked(client, info) == ["C1701-Regiocit-1.rca"]  # adult, CRRT and the ICU are on record
 
 
@@ -131,3 +131,63 @@ def test_the_hcpcs_alone_does_not_pick_a_named_product(client: FlaskClient) -> N
     order["medicationCodeableConcept"] = {"coding": [{"system": HCPCS, "code": "J3490"}]}
     _, info = decide(client, hook_request([order]))
     assert asked(client, info) == ["C1701-1A", "C1701-1B"]
+
+
+# --- review C7, C23, C24: what the record shows of the setting, CRRT and heart block --------------------------------
+
+MR_CATEGORY = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
+
+
+def _category(code: str) -> list[dict[str, Any]]:
+    return [{"coding": [{"system": MR_CATEGORY, "code": code}]}]
+
+
+def _procedure(system: str, code: str, status: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Procedure",
+        "id": f"proc-{code}",
+        "status": status,
+        "subject": {"reference": "Patient/pat-1"},
+        "code": {"coding": [{"system": system, "code": code}]},
+    }
+
+
+def test_regiocit_with_an_inpatient_order_category_and_no_encounter_is_asked_not_denied(client: FlaskClient) -> None:
+    from builders import bundle
+
+    order = j3490(text="Regiocit replacement solution 5000 mL", category=_category("inpatient"))
+    crrt = _procedure(SCT, "714749008", "in-progress")
+    body = hook_request([order], the_patient=patient("1970-05-05"), prefetch={"procedures": bundle(crrt)})
+    _, info = decide(client, body)
+    assert info["pa-needed"] == ["auth-needed"]
+    assert "C1701-Regiocit-2" in asked(client, info)
+
+
+def test_dsuvia_with_an_outpatient_order_category_is_asked_not_denied(client: FlaskClient) -> None:
+    order = j3490({"system": RXNORM, "code": "2103192"}, category=_category("outpatient"))
+    _, info = decide(client, hook_request([order]))
+    assert info["pa-needed"] == ["auth-needed"] and "C1701-Dsuvia-2" in asked(client, info)
+
+
+def test_dsuvia_ordered_for_discharge_from_the_ed_is_not_covered(client: FlaskClient) -> None:
+    order = j3490({"system": RXNORM, "code": "2103192"}, category=_category("discharge"))
+    _, info = decide(client, in_encounter(hook_request([order]), "EMER"))
+    assert info["covered"] == ["not-covered"] and "C1701-Dsuvia-2" in info["reason"][0]["text"]
+
+
+def test_regiocit_with_only_a_past_cpt_90945_asks_whether_the_patient_is_on_crrt(client: FlaskClient) -> None:
+    from builders import bundle
+
+    from fhir_mappings.systems import CPT
+
+    order = j3490(text="Regiocit replacement solution 5000 mL")
+    dialysis = _procedure(CPT, "90945", "completed")
+    body = hook_request([order], the_patient=patient("1970-05-05"), prefetch={"procedures": bundle(dialysis)})
+    _, info = decide(client, in_encounter(body, "IMP"))
+    assert info["pa-needed"] == ["auth-needed"] and asked(client, info)[0] == "C1701-Regiocit"
+
+
+def test_a_left_bundle_branch_block_is_not_the_heart_block_of_isuprel_items_1_and_2(client: FlaskClient) -> None:
+    order = j3490({"system": NDC, "code": "0548-9501-00"})
+    _, info = decide(client, hook_request([order], conditions=[condition("I44.7")]))
+    assert asked(client, info)[0] == "C1701-Isuprel-MNC"

@@ -35,7 +35,7 @@ def test_policy_check_reports_a_broken_case(tmp_path: Path, capsys: pytest.Captu
 def test_evaluate_prints_the_determination_and_its_explanation(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", str(REQUEST), "--today", "2026-11-23"]) == 0
     out = capsys.readouterr().out
-    assert "pa-needed: satisfied" in out and "cigna-ip0356|1" in out
+    assert "pa-needed: satisfied" in out and "cigna-ip0356|2" in out
     assert "IP0356-3A" in out and "Patient/pat-1" in out
 
 

@@ -91,7 +91,7 @@ def test_inferno_order_select_bodies_answer_with_coverage_information(acme_payer
         del body["fhirServer"], body["fhirAuthorization"]  # the RI's server is not reachable from tests
         resp = post_hook(acme_payer, body, "order-select")
         assert resp.status_code == 200, resp.get_data(as_text=True)
-        check_response_shape(resp.get_json())
+        check_response_shape(resp.get_json(), "order-select")
         info = coverage_info(resp.get_json()["systemActions"][0]["resource"])
         assert info["covered"] == ["covered"] and info["pa-needed"] == ["no-auth"]
         assert info["coverage"] == [{"reference": "Coverage/cov015"}]
@@ -124,7 +124,7 @@ def test_inferno_requests_without_prefetch_are_served_by_querying(
     resp = post_hook(client, body, service)
     assert resp.status_code == 200, resp.get_data(as_text=True)
     data = resp.get_json()
-    check_response_shape(data)
+    check_response_shape(data, service)
     [action] = data["systemActions"]
     assert action["resource"]["resourceType"] == "MedicationRequest"
     assert coverage_info(action["resource"])["pa-needed"] == ["no-auth"]

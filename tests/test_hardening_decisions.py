@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import threading
 import uuid
@@ -106,16 +107,19 @@ def test_a_new_policy_version_does_not_reuse_the_pa(app_on: Callable[..., Flask]
     revised = tmp_path / "policies"
     shutil.copytree(ROOT / "policies", revised)
     text = (revised / "cigna-ip0356" / "policy.yaml").read_text()
-    assert '\nversion: "1"\n' in text
-    (revised / "cigna-ip0356" / "policy.yaml").write_text(text.replace('\nversion: "1"\n', '\nversion: "2"\n'))
-    app = app_on("B", policy_dir=str(revised))  # the same store, the policy at version 2
+    current = re.search(r'\nversion: "(\d+)"\n', text)
+    assert current
+    bumped = f'\nversion: "{int(current.group(1)) + 1}"\n'
+    (revised / "cigna-ip0356" / "policy.yaml").write_text(text.replace(current.group(0), bumped))
+    app = app_on("B", policy_dir=str(revised))  # the same store, the policy at the next version
     after = signed(app, hook_request([med_order(oid="mr-2")], conditions=ACQUIRED))
     assert after["pa-needed"] == ["satisfied"] and after["satisfied-pa-id"] != before["satisfied-pa-id"]
     store = app.extensions["cds"].store
-    assert store.prior_auth(before["satisfied-pa-id"][0]).policy == "cigna-ip0356|1"  # type: ignore[union-attr]
-    assert store.prior_auth(after["satisfied-pa-id"][0]).policy == "cigna-ip0356|2"  # type: ignore[union-attr]
+    old, new = int(current.group(1)), int(current.group(1)) + 1
+    assert store.prior_auth(before["satisfied-pa-id"][0]).policy == f"cigna-ip0356|{old}"  # type: ignore[union-attr]
+    assert store.prior_auth(after["satisfied-pa-id"][0]).policy == f"cigna-ip0356|{new}"  # type: ignore[union-attr]
     again = signed(app, hook_request([med_order(oid="mr-3")], conditions=ACQUIRED))
-    assert again["satisfied-pa-id"] == after["satisfied-pa-id"]  # and version 2's is reused under version 2
+    assert again["satisfied-pa-id"] == after["satisfied-pa-id"]  # and the new version's is reused under it
 
 
 def test_another_coverage_does_not_reuse_the_pa(app_on: Callable[..., Flask]) -> None:

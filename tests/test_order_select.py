@@ -15,7 +15,7 @@ def select(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:
     resp = post_hook(client, body, "order-select")
     assert resp.status_code == 200, resp.get_data(as_text=True)
     data = resp.get_json()
-    check_response_shape(data)
+    check_response_shape(data, "order-select")
     return data
 
 

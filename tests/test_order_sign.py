@@ -57,7 +57,7 @@ def test_all_criteria_met_is_satisfied_with_a_pa_id_that_is_stored(client: Flask
     pa = store.prior_auth("PA-TEST00001")
     assert pa is not None and pa.product == "novoseven-rt" and pa.valid_to.isoformat() == "2027-11-23"
     record = store.assertion(info["coverage-assertion-id"][0])
-    assert record.policy == "cigna-ip0356|1" and record.decision == "approved"
+    assert record.policy == "cigna-ip0356|2" and record.decision == "approved"
     assert {c["id"]: c["state"] for c in record.trace["criteria"]}["IP0356-3A"] == "met"
     assert any(c["id"] == "IP0356-3" and "Condition/cond-D68311" in c["evidence"] for c in record.trace["criteria"])
 
@@ -97,7 +97,7 @@ def test_undecided_criteria_give_auth_needed_with_a_questionnaire_for_exactly_th
     assert "IP0356-3B" in info["reason"][0]["text"]
     canonical = info["questionnaire"][0]
     url, version = canonical.split("|")
-    assert url.startswith(f"{BASE}/fhir/Questionnaire/") and version == "1"
+    assert url.startswith(f"{BASE}/fhir/Questionnaire/") and version == "2"  # the policy's version
     questionnaire = client.get(url.removeprefix(BASE)).get_json()
     asked = [i["linkId"] for i in questionnaire["item"] if i["type"] != "display"]
     assert asked == ["IP0356-3B"]
@@ -179,7 +179,7 @@ def test_re_signing_an_order_that_already_carries_the_same_assertion_adds_no_act
     first = sign(client, hook_request([med_order()], conditions=ACQUIRED, roles=[role("207RX0202X")]))
     resent = first["systemActions"][0]["resource"]
     again = sign(client, hook_request([resent], conditions=ACQUIRED, roles=[role("207RX0202X")]))
-    assert "systemActions" not in again
+    assert again["systemActions"] == []  # the key, for Inferno; no action for the unchanged order
     changed = dict(resent, dosageInstruction=med_order(days=14)["dosageInstruction"])
     third = sign(client, hook_request([changed], conditions=ACQUIRED, roles=[role("207RX0202X")]))
     assert len(third["systemActions"]) == 1
@@ -207,7 +207,7 @@ def test_configuration_switches_card_types_off(
 
 def test_coverage_info_false_suppresses_the_system_action(client: FlaskClient) -> None:
     body = sign(client, hook_request([med_order()], conditions=ACQUIRED, configuration={"coverage-info": False}))
-    assert "systemActions" not in body
+    assert body["systemActions"] == []
 
 
 def test_max_cards_keeps_the_most_important(client: FlaskClient) -> None:
@@ -287,3 +287,36 @@ def test_continuation_asks_for_beneficial_response(client: FlaskClient) -> None:
     body = sign(client, hook_request([med_order()], conditions=ACQUIRED, history=history))
     info = coverage_info(body["systemActions"][0]["resource"])
     assert info["pa-needed"] == ["auth-needed"] and "IP0356-RA.1" in info["reason"][0]["text"]
+
+
+def test_the_form_completion_card_does_not_create_a_questionnaire_the_ehr_holds(client: FlaskClient) -> None:
+    """CRD §dev-20: the service asks the client's FHIR server for the Questionnaire first; held, it is not created."""
+    from fake_ehr import FakeEHR
+
+    def form_actions(fhir_server: str) -> list[dict[str, Any]]:
+        req = hook_request(
+            [med_order()],
+            conditions=ACQUIRED,
+            roles=[role("207RX0202X")],
+            configuration={"request-form-completion": True},
+            fhir_server=fhir_server,
+        )
+        body = sign(client, req)
+        form = next(c for c in body["cards"] if c.get("suggestions"))
+        return list(form["suggestions"][0]["actions"])
+
+    with FakeEHR() as ehr:
+        first = form_actions(ehr.base)
+        assert [a["resource"]["resourceType"] for a in first] == ["Questionnaire", "Task"]
+        assert any(path.startswith("/fhir/Questionnaire?url=") for path, _ in ehr.requests)
+        ehr.add(first[0]["resource"])  # the EHR now holds it
+        again = form_actions(ehr.base)
+    assert [a["resource"]["resourceType"] for a in again] == ["Task"]
+
+
+def test_a_long_summary_is_cut_under_140_characters() -> None:
+    from cds.cards import summary
+
+    text = "NovoSeven RT: " + "a very long descriptive drug name " * 8
+    assert len(summary(text)) == 138 and summary(text).endswith("…")
+    assert summary("short") == "short"

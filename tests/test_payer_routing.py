@@ -68,7 +68,7 @@ def hemgenix_request(payer: str, ndc: str = "00053-0150-15", **kw: Any) -> dict[
 def test_pharmacy_109_answers_for_its_payer(client: FlaskClient) -> None:
     _, info = decide(client, hemgenix_request("ny-pharmacy-109"))
     assert info["covered"] == ["covered"] and info["pa-needed"] == ["auth-needed"]
-    assert info["reason"][0]["text"].startswith("ph109-gene-therapy|1:")
+    assert info["reason"][0]["text"].startswith("ph109-gene-therapy|2:")
     items = asked(client, info)
     # the record settles age, diagnosis, factor IX level, inhibitor titer, hepatitis B/C, platelets; the
     # attestations, the exposure days (factor IX prophylaxis is on record) and the FibroScan value are asked
@@ -80,6 +80,7 @@ def test_pharmacy_109_answers_for_its_payer(client: FlaskClient) -> None:
         "PH109-H6.history",
         "PH109-H7",
         "PH109-H8d.kpa",
+        "PH109-H8d.other",
         "PH109-G2",
     ]
     assert "PH109-H8d.kpa" in items and "PH109-H3" not in items and "PH109-H8c" not in items
@@ -87,7 +88,7 @@ def test_pharmacy_109_answers_for_its_payer(client: FlaskClient) -> None:
 
 def test_bcbsks_answers_for_its_payer(client: FlaskClient) -> None:
     data, info = decide(client, hemgenix_request("bcbsks"))
-    assert info["pa-needed"] == ["auth-needed"] and info["reason"][0]["text"].startswith("bcbsks-hemgenix|1:")
+    assert info["pa-needed"] == ["auth-needed"] and info["reason"][0]["text"].startswith("bcbsks-hemgenix|2:")
     items = asked(client, info)
     assert "KS-III.8.7pt" in items and items[-1] == "KS-III.0" and not any(i.startswith("PH109") for i in items)
 

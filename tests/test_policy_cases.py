@@ -49,7 +49,7 @@ def test_a_changed_policy_under_the_same_version_is_caught(tmp_path: Any, polici
     policy = policies.policies["cigna-ip0356"]
     tampered = PolicySet(MappingProxyType({**policies.policies, policy.id: replace(policy, content_hash="0" * 64)}))
     problems = lock_problems(tampered)
-    assert problems and "content changed but the version (1) did not" in problems[0]
+    assert problems and f"content changed but the version ({policy.version}) did not" in problems[0]
 
 
 def test_every_mapping_input_is_used_by_a_policy(policies: PolicySet) -> None:

@@ -90,9 +90,11 @@ def test_missing_prefetch_without_a_fhir_server_is_412(client: FlaskClient) -> N
     assert body["resourceType"] == "OperationOutcome" and "conditions" in body["issue"][0]["details"]["text"]
 
 
-def test_missing_coverage_without_a_fhir_server_is_412(client: FlaskClient) -> None:
+def test_missing_coverage_without_a_fhir_server_is_400(client: FlaskClient) -> None:
+    """CRD §hook-13: no Coverage accessible (not prefetched, no fhirServer to query) is the client's 400."""
     resp = post_hook(client, hook_request([med_order()], omit=("coverage",)))
-    assert resp.status_code == 412
+    assert resp.status_code == 400
+    assert resp.get_json()["issue"][0]["expression"] == ["prefetch.coverage"]
 
 
 def test_a_drug_without_policy_needs_only_the_coverage(client: FlaskClient) -> None:

@@ -30,7 +30,7 @@ def items(q: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_the_indication_is_a_choice_and_criteria_follow_it(client: FlaskClient) -> None:
-    q, _ = questionnaire_for(client, hook_request([med_order()], conditions=[condition("D68.2")]))
+    q, _ = questionnaire_for(client, hook_request([med_order()], conditions=[]))  # no diagnosis on record
     found = items(q)
     choice = found["IP0356-MNC"]
     assert choice["type"] == "choice"
@@ -51,6 +51,13 @@ def test_the_indication_is_a_choice_and_criteria_follow_it(client: FlaskClient) 
             "answerCoding": {"system": f"{BASE}/fhir/CodeSystem/policy-criteria", "code": "IP0356-2"},
         }
     ]
+
+
+def test_a_non_specific_code_asks_only_the_indication_it_suggests(client: FlaskClient) -> None:
+    """D68.2 suggests congenital factor VII deficiency: the choice is prefilled with it, and the other indications'
+    criteria (Glanzmann's 2A, the inhibitor items) are not asked (the hematologist is on record)."""
+    q, _ = questionnaire_for(client, hook_request([med_order()], conditions=[condition("D68.2")]))
+    assert list(items(q)) == ["IP0356-MNC"]
 
 
 def test_a_quantity_item_carries_its_ucum_unit(client: FlaskClient) -> None:

@@ -16,6 +16,8 @@ def answer(rt: Runtime, request: HookRequest, orders: Sequence[Mapping[str, Any]
     assessment = assess(rt, request, orders, primary=primary)
     body: dict[str, Any] = {"cards": cards.build(rt, request, assessment, primary=primary)}
     actions = cards.system_actions(assessment, request.configuration)
-    if actions:
+    # order-sign always carries the key, [] when no order is due an action (a re-signed unchanged order, CRD
+    # §resp-29): Inferno's CRD suite errors on a missing systemActions for order-sign; order-select omits an empty one
+    if actions or primary:
         body["systemActions"] = actions
     return HookOutcome(body, assessment)
