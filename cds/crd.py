@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -479,7 +479,7 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
             product.id,
             policy.ref,
             ctx.today,
-            add_months(ctx.today, det.authorization_months) if det.authorization_months else None,
+            _valid_to(ctx.today, det),
             product.authorization.doses,
         )
         issued = rt.store.issue_prior_auth(candidate, ctx.today)
@@ -496,6 +496,13 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
         covered="covered", pa_needed="satisfied", satisfied_pa_id=issued.pa_id, billing_codes=billing, reasons=(reason,)
     )
     return job.result(info, det, prior_auth=issued, new_prior_auth=new)
+
+
+def _valid_to(today: date, det: Determination) -> date | None:
+    """The last day of an authorization: days or months from today (None: valid for its doses)."""
+    if det.authorization_days:
+        return today + timedelta(days=det.authorization_days - 1)  # the day of signing is the first
+    return add_months(today, det.authorization_months) if det.authorization_months else None
 
 
 def add_months(start: date, months: int) -> date:

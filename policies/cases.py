@@ -34,6 +34,7 @@ _WANT_KEYS = {
     "questions",
     "doses",
     "authorization_months",
+    "authorization_days",
     "not_covered",
     "continuation",
     "prefill",
@@ -249,6 +250,8 @@ def run_case(policy: Policy, mappings: Mappings, case: Mapping[str, Any], defaul
             problems.append(f"prefill is {got_p}, wanted {want['prefill']}")
     if "authorization_months" in want and det.authorization_months != want["authorization_months"]:
         problems.append(f"authorization is {det.authorization_months} months, wanted {want['authorization_months']}")
+    if "authorization_days" in want and det.authorization_days != want["authorization_days"]:
+        problems.append(f"authorization is {det.authorization_days} days, wanted {want['authorization_days']}")
     if "not_covered" in want:
         got_nc = [f.id for f in det.not_covered]
         if got_nc != list(want["not_covered"]):
@@ -284,7 +287,7 @@ def coverage_gaps(policy: Policy, results: list[CaseResult]) -> list[str]:
         det = r.determination
         if det.decision in (Decision.NOT_COVERED, Decision.REVIEW) and not det.indications and not det.not_covered:
             other_use.add(det.product.other_use.id)
-        if "authorization_months" in r.wanted:
+        if "authorization_months" in r.wanted or "authorization_days" in r.wanted:
             durations.add(det.product.authorization.id)
         for cid, state in _states(r.determination).items():
             seen.setdefault(cid, set()).add(state)

@@ -132,6 +132,10 @@ class Determination:
         auth = self.product.authorization
         return auth.renewal_months if self.continuation else auth.initial_months
 
+    @property
+    def authorization_days(self) -> int | None:
+        return self.product.authorization.days
+
     def findings(self) -> tuple[Finding, ...]:
         out: list[Finding] = []
         if self.selection is not None:
@@ -465,7 +469,8 @@ def evaluate(
         # any other use: not covered, or (when the document says so) reviewed under the payer's off-label policy
         decision = Decision.REVIEW if product.off_label_review is not None else Decision.NOT_COVERED
     elif chosen is not None:
-        if continuation and product.authorization.renewal_months is None and product.authorization.doses:
+        auth = product.authorization
+        if continuation and auth.renewal_months is None and auth.days is None and auth.doses:
             decision = Decision.NOT_COVERED
             notes.append(f"{product.authorization.id}: {product.authorization.text}")
         elif any(d.state is State.NOT_MET for d in doses):

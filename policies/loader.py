@@ -314,14 +314,17 @@ class _Reader:
         if len(indications) > 1:
             self.claim_id(selection_id, f"{place}.selection_id")
         auth = raw["authorization"]
-        if not isinstance(auth, dict) or set(auth) - {"id", "text", "initial_months", "renewal_months", "doses"}:
-            raise self.fail(f"{place}.authorization", "keys: id, text, initial_months, renewal_months, doses")
-        for key in ("initial_months", "renewal_months", "doses"):
+        keys = {"id", "text", "initial_months", "renewal_months", "days", "doses"}
+        if not isinstance(auth, dict) or set(auth) - keys:
+            raise self.fail(f"{place}.authorization", f"keys: {', '.join(sorted(keys))}")
+        for key in ("initial_months", "renewal_months", "days", "doses"):
             v = auth.get(key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise self.fail(f"{place}.authorization.{key}", "must be a positive whole number or absent")
-        if auth.get("initial_months") is None and auth.get("doses") is None:
-            raise self.fail(f"{place}.authorization", "give initial_months, or doses for a one-time approval")
+        if auth.get("initial_months") is None and auth.get("doses") is None and auth.get("days") is None:
+            raise self.fail(f"{place}.authorization", "give initial_months (or days), or doses for a one-time approval")
+        if auth.get("days") is not None and (auth.get("initial_months") or auth.get("renewal_months")):
+            raise self.fail(f"{place}.authorization", "an approval lasts days or months, not both")
         if not auth.get("id") or not auth.get("text"):
             raise self.fail(f"{place}.authorization", "needs the id and text of the document's duration statement")
         self.claim_id(str(auth["id"]), f"{place}.authorization")
@@ -331,6 +334,7 @@ class _Reader:
             auth.get("initial_months"),
             auth.get("renewal_months"),
             auth.get("doses"),
+            auth.get("days"),
         )
         not_covered = []
         for i, nc in enumerate(raw.get("not_covered") or []):

@@ -99,6 +99,7 @@ class Authorization:
     initial_months: int | None  # None: the approval is for a number of doses, not a period
     renewal_months: int | None  # None: may not be renewed
     doses: int | None = None  # one-time therapies
+    days: int | None = None  # an approval counted in days (Dsuvia: 72 hours), initial and renewal alike
 
 
 @dataclass(frozen=True)

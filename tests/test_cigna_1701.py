@@ -191,3 +191,18 @@ def test_a_left_bundle_branch_block_is_not_the_heart_block_of_isuprel_items_1_an
     order = j3490({"system": NDC, "code": "0548-9501-00"})
     _, info = decide(client, hook_request([order], conditions=[condition("I44.7")]))
     assert asked(client, info)[0] == "C1701-Isuprel-MNC"
+
+
+def test_an_authorization_in_days_ends_on_the_last_of_them() -> None:
+    """Dsuvia's approval lasts 72 hours: signed on the 23rd, valid through the 25th (the day of signing counts)."""
+    from datetime import date
+    from types import SimpleNamespace
+
+    from cds.crd import _valid_to
+
+    assert _valid_to(date(2026, 11, 23), SimpleNamespace(authorization_days=3, authorization_months=None)) == date(
+        2026, 11, 25
+    )
+    assert _valid_to(date(2026, 1, 31), SimpleNamespace(authorization_days=None, authorization_months=1)) == date(
+        2026, 2, 28
+    )
