@@ -42,9 +42,6 @@ from sqlalchemy import (
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from cds.errors import CdsError
-from cds.hookrequest import load_json
-
 log = logging.getLogger("cds.store")
 metadata = MetaData()
 
@@ -234,43 +231,16 @@ _TOKEN_MEMBER = re.compile(r'((?:access|refresh|id)_token"\s*:\s*)("(?:[^"\\]|\\
 # any member and its value, the name as written: names with escapes ("access\u005ftoken") are decoded and compared.
 # The two alternatives for a character of a string never overlap, so the scan is linear.
 _MEMBER = re.compile(r'("((?:[^"\\]|\\.)*)"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^\s,}\]{\["]*)')
-# what a body that parsed without a token may still hide in a repeated name the parser dropped
-_MAY_HOLD_TOKEN = re.compile(r"_token|\\u00[0-7]", re.IGNORECASE)
 
 
 def redact_tokens(text: str) -> str:
-    """A hook request as it may be kept: every ``access_token``, ``refresh_token`` and ``id_token`` (those of
-    ``fhirAuthorization``, and any other a body carries) replaced by "[redacted]".
+    """A hook request as it may be kept: every ``access_token``, ``refresh_token`` and ``id_token`` value (those of
+    ``fhirAuthorization``, and any other a body carries) replaced by "[redacted]", the rest byte for byte.
 
-    A body that parses as JSON (:func:`cds.hookrequest.load_json`) is redacted in its structure and written out again
-    (compact; the document otherwise as the service read it). A body that does not parse (malformed, nested too deep,
-    a number too long: what reaches the store may be hostile) is redacted by pattern, which also finds a token member
-    after a lost quote, and one whose name is written with escapes."""
-    try:
-        doc = load_json(text.encode("utf-8", "surrogatepass"))
-    except (CdsError, RecursionError, ValueError, UnicodeError):
-        return _redact_text(text)
-    if _redact_document(doc):
-        return json.dumps(doc, separators=(",", ":"))
-    return _redact_text(text) if _MAY_HOLD_TOKEN.search(text) else text
-
-
-def _redact_document(doc: Any) -> bool:
-    """Replace token values in place, iteratively (a deep document cannot exhaust the stack); True if there were any."""
-    found = False
-    pending = [doc]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            for name, value in node.items():
-                if isinstance(name, str) and name.lower() in TOKEN_KEYS:
-                    node[name] = REDACTED
-                    found = True
-                elif isinstance(value, dict | list):
-                    pending.append(value)
-        elif isinstance(node, list):
-            pending.extend(v for v in node if isinstance(v, dict | list))
-    return found
+    By pattern, in one linear pass, whether or not the body parses (what reaches the store may be hostile: malformed,
+    nested too deep): a token member is found by its plain name, also after a lost quote, and by a name written with
+    escapes. Parsing the body again here would cost more than the whole pattern pass."""
+    return _redact_text(text)
 
 
 def _redact_text(text: str) -> str:

@@ -89,17 +89,25 @@ class Reader:
         self.read_timeout = read_timeout
         self.deadline = time.monotonic() + budget_seconds
         self.max_bytes = max_bytes
-        self._adapter = _CuttableAdapter()
-        self._session = requests.Session()
-        self._session.mount("http://", self._adapter)
-        self._session.mount("https://", self._adapter)
-        self._session.headers.update({"Accept-Encoding": "identity", **(headers or {})})
+        self._headers = {"Accept-Encoding": "identity", **(headers or {})}
+        self._adapter: _CuttableAdapter | None = None
+        self._session: requests.Session | None = None  # made on the first read: most calls read nothing
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
         self._expired = False
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def _connect(self) -> requests.Session:
+        with self._lock:
+            if self._session is None:
+                self._adapter = _CuttableAdapter()
+                self._session = requests.Session()
+                self._session.mount("http://", self._adapter)
+                self._session.mount("https://", self._adapter)
+                self._session.headers.update(self._headers)
+            return self._session
 
     def _arm(self) -> None:
         with self._lock:
@@ -110,15 +118,17 @@ class Reader:
 
     def _expire(self) -> None:
         self._expired = True
-        self._adapter.cut()
+        if self._adapter is not None:
+            self._adapter.cut()
 
     def get(self, url: str, headers: Mapping[str, str] | None = None) -> Answer:
         left = self.remaining()
         if left <= 0 or self._expired:
             raise UpstreamError("the time allowed for reading it was used up")
+        session = self._connect()
         self._arm()
         try:
-            resp = self._session.get(
+            resp = session.get(
                 url,
                 headers=dict(headers or {}),
                 timeout=(min(self.connect_timeout, left), min(self.read_timeout, left)),
@@ -171,7 +181,9 @@ class Reader:
             self._expired = True  # nothing more is read through this reader
             if self._timer is not None:
                 self._timer.cancel()
-        self._session.close()
+            session = self._session
+        if session is not None:
+            session.close()
 
 
 # --- which servers ---------------------------------------------------------------------------------------------------
