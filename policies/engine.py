@@ -428,7 +428,10 @@ def evaluate(
         results.append(IndicationResult(ind, state, tuple(findings), diag.state is State.MET))
 
     not_covered: list[Finding] = []
-    if not established_any and (chosen_id is None or not candidates):
+    # a not-covered use is not applied while a non-specific code on record suggests a covered indication: the
+    # prescriber is asked (the indication question, prefilled) rather than denied (review C26)
+    suggested_any = any(f.partial for _, f in candidates) and not outside
+    if not established_any and not suggested_any and (chosen_id is None or not candidates):
         # uses the document names as not covered; for an order whose reason is another disorder, as the reason says
         judge = _Evaluator(mappings, _ReasonView(facts), answers, today) if outside else ev
         not_covered = [
