@@ -254,7 +254,7 @@ class _Builder:
         det = a.determination
         assert det is not None
         over = [d for d in det.doses if d.state.value == "not-met"]
-        text = "; ".join(f"**{d.id}** {d.rule.text}: {d.note}" for d in over)
+        text = "; ".join(f"**{d.id}** {d.rule.text}: {explain.shown(d.note)}" for d in over)
         detail = (
             f"The order for **{a.drug}** is outside {det.policy.number}: {text}. Requests outside the limit are "
             f"reviewed case by case by a clinician.\n\n{explanation(a)}"

@@ -311,13 +311,15 @@ def _billing(rt: Runtime, product: Product) -> tuple[Mapping[str, str], ...]:
 def _over_limit(det: Determination) -> str:
     """Each dose rule the order exceeds: its id, the policy's words, then what the rule found (the rule's own note:
     the figure the order comes to and the limit, or the kit the weight calls for)."""
-    return "; ".join(f"{d.id} ({d.rule.text}): {d.note}" for d in det.doses if d.state.value == "not-met")
+    return "; ".join(
+        f"{d.id} ({d.rule.text}): {explain.shown(d.note)}" for d in det.doses if d.state.value == "not-met"
+    )
 
 
 def _impossible(det: Determination) -> str:
     """What the order (or the weight) states that no order can mean, e.g. a dose of 0 mcg/kg: the dose rules it leaves
     undecided, as the first thing the reason says (it is what the prescriber has to correct). Empty when none."""
-    found = "; ".join(f"{d.id}: {d.note}" for d in det.doses if d.impossible)
+    found = "; ".join(f"{d.id}: {explain.shown(d.note)}" for d in det.doses if d.impossible)
     return (
         f"the order cannot be authorized as written ({found}); correct it and sign again, or it is reviewed; "
         if found

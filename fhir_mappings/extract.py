@@ -477,6 +477,7 @@ class FactFinder:
         order = self.data.order
         evidence: list[str] = []
         ordered: list[str] = []  # mode administered: earlier orders, which do not show the drug was given
+        on_demand: list[str] = []  # mode current: therapy taken only as needed
         for res in self.data.medication_history:
             if res.get("id") == order.get("id") and res.get("resourceType") == order.get("resourceType"):
                 continue
@@ -491,12 +492,23 @@ class FactFinder:
                 if res.get("resourceType") == "MedicationRequest":
                     ordered.append(ref(res))
                 continue
+            if spec.mode == "current" and _as_needed_only(res):
+                on_demand.append(ref(res))  # review C17: therapy "as needed" is not routine prophylaxis
+                continue
             evidence.append(ref(res))
         if spec.mode != "current" and order.get("priorPrescription") and self.get(spec.drug).value:
             (evidence if spec.mode == "ever" else ordered).append(f"{ref(order)}#priorPrescription")
         if evidence:
             return Fact(True, tuple(dict.fromkeys(evidence)), searched=True)
         searched = "medication_history" in self.data.available
+        if on_demand:
+            return Fact(
+                None,
+                tuple(dict.fromkeys(on_demand)),
+                partial=True,
+                searched=True,
+                note="current therapy on record is taken as needed (on demand), which is not routine prophylaxis",
+            )
         if ordered:
             when = [
                 d for r in self.data.medication_history if ref(r) in ordered if (d := parse_date(r.get("authoredOn")))
@@ -649,6 +661,13 @@ def _given(res: Mapping[str, Any]) -> bool:
     return False
 
 
+def _as_needed_only(res: Mapping[str, Any]) -> bool:
+    """Whether every dosage of a MedicationRequest / MedicationStatement is "as needed" (none scheduled)."""
+    dosages = res.get("dosageInstruction") or res.get("dosage") or ()
+    dosages = [d for d in dosages if isinstance(d, Mapping)]
+    return bool(dosages) and all(d.get("asNeededBoolean") is True or d.get("asNeededCodeableConcept") for d in dosages)
+
+
 def _qualitative(obs: Mapping[str, Any]) -> str | None:
     for c in codings(obs.get("valueCodeableConcept")):
         hit = _RESULT_CODES.get(str(c.get("code")))
@@ -662,4 +681,11 @@ def _qualitative(obs: Mapping[str, Any]) -> str | None:
             hit = _RESULT_CODES.get(str(c.get("code")))
             if hit:
                 return hit
+    # a quantitative result (a viral load): a quantified amount is a detected one; "<15 IU/mL" alone does not say
+    # whether the target was detected below the limit or not at all, so without a flag or text it settles nothing
+    vq = obs.get("valueQuantity")
+    if isinstance(vq, Mapping) and not vq.get("comparator"):
+        value = vq.get("value")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return "positive"
     return None

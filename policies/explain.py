@@ -5,6 +5,7 @@ Pure text, shared by the cards, the stored trace and ``cds evaluate``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,22 @@ from policies.engine import Decision, Determination, Finding
 from policies.model import State
 
 STATE_WORDS = {State.MET: "met", State.NOT_MET: "not met", State.UNKNOWN: "unknown"}
+
+# UCUM as people read it (the seeds write mcg, BU, IU); the codes stay UCUM wherever a machine reads them
+_SHOWN = (
+    (re.compile(r"(?<![A-Za-z\[])ug(?=\b|/)"), "mcg"),
+    (re.compile(r"\[beth'U\]"), "BU"),
+    (re.compile(r"\[IU\]"), "IU"),
+    (re.compile(r"\{kit\}"), "kit(s)"),
+    (re.compile(r"\{tbl\}"), "tablet(s)"),
+)
+
+
+def shown(text: str) -> str:
+    """A note or reason with its UCUM units written as the policies write them (ug/kg: mcg/kg; [beth'U]/mL: BU/mL)."""
+    for pattern, word in _SHOWN:
+        text = pattern.sub(word, text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -26,7 +43,7 @@ class Row:
 
 def _rows(finding: Finding, depth: int, out: list[Row]) -> None:
     if finding.id:
-        out.append(Row(finding.id, finding.node.text, finding.state, finding.evidence, finding.note, depth))
+        out.append(Row(finding.id, finding.node.text, finding.state, finding.evidence, shown(finding.note), depth))
         depth += 1
     for child in finding.children:
         _rows(child, depth, out)
@@ -46,7 +63,7 @@ def rows(det: Determination) -> list[Row]:
     for finding in det.not_covered:
         _rows(finding, 0, out)
     for dose in det.doses:
-        out.append(Row(dose.id, dose.rule.text, dose.state, dose.evidence, dose.note, 0))
+        out.append(Row(dose.id, dose.rule.text, dose.state, dose.evidence, shown(dose.note), 0))
     return out
 
 
@@ -76,7 +93,7 @@ def failed_text(det: Determination) -> str:
         why = f" ({'; '.join(det.notes)})" if det.notes else ""
         return f"{det.product.other_use.id}: {det.product.other_use.text}{why}"
     failed = det.failed()
-    parts = [f"{f.id} {f.node.text} (not met{': ' + f.note if f.note else ''})" for f in failed[:3]]
+    parts = [f"{f.id} {f.node.text} (not met{': ' + shown(f.note) if f.note else ''})" for f in failed[:3]]
     if det.notes:
         parts.extend(det.notes)
     return "; ".join(parts) or det.product.other_use.text

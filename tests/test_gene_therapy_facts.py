@@ -210,3 +210,26 @@ def test_a_quantitative_hcv_rna_reported_not_detected(mappings: Mappings) -> Non
 
 def test_coded_inhibitors(mappings: Mappings) -> None:
     assert facts(mappings, conditions=(condition("D68.318"),)).get("dx.factor_inhibitor").value is True
+
+
+def test_a_quantified_hcv_viral_load_is_detected(mappings: Mappings) -> None:
+    """Review C21: a quantitative HCV RNA (11011-4) with an amount is a detected one; "<15 IU/mL" alone is not read
+    (below quantitation may still be detected), unless the lab flags or words it."""
+    quantified = observation("11011-4", 52000, "[IU]/mL", oid="obs-vl")
+    assert facts(mappings, observations=(quantified,)).get("lab.hcv_rna").value == "positive"
+    below = observation("11011-4", 15, "[IU]/mL", oid="obs-vl", comparator="<")
+    assert facts(mappings, observations=(below,)).get("lab.hcv_rna").value is None
+    flagged = {**below, "valueString": "not detected"}
+    flagged.pop("valueQuantity")
+    assert facts(mappings, observations=(flagged,)).get("lab.hcv_rna").value == "negative"
+
+
+def test_factor_ix_taken_as_needed_is_not_routine_prophylaxis(mappings: Mappings) -> None:
+    """Review C17: a current factor IX order "as needed" (on demand) only suggests prophylaxis; a scheduled one
+    shows it."""
+    scheduled = med_order(code="J7202", oid="mr-fix", status="active")
+    on_demand = med_order(code="J7202", oid="mr-fix", status="active")
+    on_demand["dosageInstruction"][0]["asNeededBoolean"] = True
+    assert facts(mappings, medication_history=(scheduled,)).get("history.fix_prophylaxis").value is True
+    fact = facts(mappings, medication_history=(on_demand,)).get("history.fix_prophylaxis")
+    assert fact.value is None and fact.partial and "as needed" in fact.note

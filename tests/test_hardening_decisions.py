@@ -208,7 +208,7 @@ def test_a_dose_that_is_not_positive_is_not_approved(app_on: Callable[..., Flask
     assert info["pa-needed"] == ["auth-needed"] and "satisfied-pa-id" not in info
     assert info["covered"] == ["covered"]
     reason = info["reason"][0]["text"]
-    assert f"the ordered dose is not a positive amount ({dose} ug/kg)" in reason, reason
+    assert f"the ordered dose is not a positive amount ({dose} mcg/kg)" in reason, reason
     assert "IP0356-3.dosing" in reason
     assert info.get("doc-needed") == ["clinical"]  # documentation / review, never an authorization
 
@@ -233,7 +233,7 @@ def test_order_select_names_the_impossible_dose_too(app_on: Callable[..., Flask]
     body = hook_request([med_order(dose=0)], conditions=ACQUIRED, hook="order-select")
     _, info = decide(app_on("A").test_client(), body, "order-select")
     assert info["pa-needed"] == ["auth-needed"] and "satisfied-pa-id" not in info
-    assert "the ordered dose is not a positive amount (0 ug/kg)" in info["reason"][0]["text"]
+    assert "the ordered dose is not a positive amount (0 mcg/kg)" in info["reason"][0]["text"]
 
 
 RULE = DoseRule(

@@ -175,6 +175,7 @@ def test_two_drafts_each_within_the_limit_but_over_it_together_are_not_approved(
     for info in infos:
         assert info["pa-needed"] == ["auth-needed"] and "satisfied-pa-id" not in info
         assert "orders of this call together" in reasons_text(info)
+        assert "15,120 mcg/kg" in reasons_text(info) and "ug/kg" not in reasons_text(info)  # the seeds' units
 
 
 def test_two_drafts_within_the_limit_together_share_one_authorization(client: FlaskClient) -> None:
