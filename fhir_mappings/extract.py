@@ -18,7 +18,7 @@ from datetime import date
 from typing import Any
 
 from fhir_mappings import systems, units
-from fhir_mappings.loader import CodeRow, InputDef, Mappings
+from fhir_mappings.loader import CURRENT_PROCEDURE_DAYS, CodeRow, InputDef, Mappings
 
 ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
 EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
@@ -543,6 +543,19 @@ class FactFinder:
         done = [p for p in self.data.procedures if p.get("status") in PROCEDURE_DONE]
         proof, partial = self._coded(spec, ((ref(p), codings(p.get("code"))) for p in done))
         searched = "procedures" in self.data.available
+        if spec.mode == "current" and proof:
+            # "being treated with" (Regiocit: CRRT): in progress, or performed in the last days; an older one suggests
+            by_ref = {ref(p): p for p in done}
+            now = [r for r in proof if _under_way(by_ref[r], self.data.today)]
+            if not now:
+                return Fact(
+                    None,
+                    tuple(proof),
+                    partial=True,
+                    searched=True,
+                    note="the procedure on record is not under way now (completed earlier)",
+                )
+            proof = now
         if proof:
             return Fact(True, tuple(proof), searched=True)
         if partial:
@@ -659,6 +672,20 @@ def _given(res: Mapping[str, Any]) -> bool:
     if kind == "MedicationStatement":
         return status in ("active", "completed")
     return False
+
+
+def _under_way(procedure: Mapping[str, Any], today: date) -> bool:
+    """In progress, or performed (its end, else its date) within the last CURRENT_PROCEDURE_DAYS days."""
+    if procedure.get("status") in ("in-progress", "preparation"):
+        return True
+    period = procedure.get("performedPeriod")
+    raw = procedure.get("performedDateTime")
+    if isinstance(period, Mapping):
+        if not period.get("end"):
+            return True  # started and not ended: under way
+        raw = period.get("end")
+    when = parse_date(raw)
+    return when is not None and (today - when).days <= CURRENT_PROCEDURE_DAYS
 
 
 def _as_needed_only(res: Mapping[str, Any]) -> bool:

@@ -44,6 +44,10 @@ _INPUT_KEYS = {"kind", "type", "display", "unit", "question", "options", "drug",
 # (administered: a completed / in-progress MedicationAdministration or an active / completed MedicationStatement;
 # an earlier order only suggests it)
 HISTORY_MODES = ("ever", "current", "administered")
+# procedure modes: done at any time (ever), or under way now (current: in progress, or performed within the last
+# CURRENT_PROCEDURE_DAYS days; an earlier one only suggests it)
+PROCEDURE_MODES = ("ever", "current")
+CURRENT_PROCEDURE_DAYS = 2
 # which result a lab input reads: the latest (default), the lowest or the highest at any date (a diagnostic
 # baseline, a historical peak), or the one before the latest (a re-test's predecessor)
 LAB_PICKS = ("latest", "lowest", "highest", "previous")
@@ -166,8 +170,11 @@ def _input(file: str, name: str, spec: Any) -> InputDef:
             raise MappingLoadError(file, f"{name}.mode", f"must be one of {', '.join(HISTORY_MODES)}")
         if not spec.get("drug"):
             raise MappingLoadError(file, f"{name}.drug", "a medication_history input names its drug input")
+    elif kind == "procedure" and "mode" in spec:
+        if mode not in PROCEDURE_MODES:
+            raise MappingLoadError(file, f"{name}.mode", f"must be one of {', '.join(PROCEDURE_MODES)}")
     elif "drug" in spec or "mode" in spec:
-        raise MappingLoadError(file, name, "'drug' and 'mode' belong to medication_history inputs")
+        raise MappingLoadError(file, name, "'drug' and 'mode' belong to medication_history (and procedure) inputs")
     pick = str(spec.get("pick", "latest"))
     if "pick" in spec:
         if kind not in ("lab", "lab_code"):

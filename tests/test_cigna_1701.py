@@ -206,3 +206,15 @@ def test_an_authorization_in_days_ends_on_the_last_of_them() -> None:
     assert _valid_to(date(2026, 1, 31), SimpleNamespace(authorization_days=None, authorization_months=1)) == date(
         2026, 2, 28
     )
+
+
+def test_regiocit_with_a_crrt_completed_months_ago_asks_whether_the_patient_is_on_it_now(client: FlaskClient) -> None:
+    """Review C23: "patients being treated with CRRT": a CRRT completed in March is not treatment now; it only
+    suggests it (asked, prefilled). One in progress proves it (test above)."""
+    from builders import bundle
+
+    old = {**_procedure(SCT, "714749008", "completed"), "performedDateTime": "2026-03-01T08:00:00Z"}
+    order = j3490(text="Regiocit replacement solution 5000 mL")
+    body = hook_request([order], the_patient=patient("1970-05-05"), prefetch={"procedures": bundle(old)})
+    _, info = decide(client, in_encounter(body, "IMP"))
+    assert info["pa-needed"] == ["auth-needed"] and asked(client, info)[0] == "C1701-Regiocit"
