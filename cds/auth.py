@@ -120,7 +120,10 @@ class Verifier:
         assert client.jwks_url is not None
         asked = time.monotonic()
         stale = asked - entry.fetched_at >= self.cache_seconds
-        if entry.keys is not None and not (stale or (refresh and asked - entry.tried_at > 10)):
+        # a stale set or an unknown kid refetches, but at most every 10 s: a JWKS host that is down is not asked again
+        # on every token (the set held keeps serving)
+        due = asked - entry.tried_at > 10
+        if entry.keys is not None and not ((stale or refresh) and due):
             return entry.keys
         if entry.keys is not None:
             if not entry.fetching.acquire(blocking=False):
@@ -192,7 +195,11 @@ class Verifier:
                 leeway=self.leeway,
                 options={"require": ["iss", "aud", "exp", "iat", "jti"]},
             )
-        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # PyJWT raises TypeError for a key of the wrong kind
+        except (
+            jwt.PyJWTError,
+            TypeError,
+            ValueError,
+        ) as exc:  # defence in depth (key.fits checks first)
             raise Unauthorized(f"rejected: {exc.__class__.__name__}") from None
         iat = claims["iat"]
         if not isinstance(iat, int | float) or iat > now.timestamp() + self.leeway:

@@ -80,7 +80,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fhir_connect_timeout", 0.5, "Seconds to connect to the EHR FHIR server when prefetch is missing."),
     Setting("fhir_read_timeout", 1.5, "Seconds to wait for an EHR FHIR server response."),
     Setting(
-        "fhir_total_timeout", 3.0, "Seconds all EHR reads of one hook call may take together; later reads are skipped."
+        "fhir_total_timeout",
+        3.0,
+        "Seconds all EHR reads of one hook call may take together: a hard deadline, reads in flight are cut.",
     ),
     Setting("fhir_max_response_bytes", 4_000_000, "Largest EHR FHIR response read; a larger one fails that read."),
     Setting(

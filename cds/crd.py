@@ -57,7 +57,6 @@ class Assessed:
     questionnaire: Mapping[str, Any] | None = None
     draft_response: Mapping[str, Any] | None = None
     prior_auth: PriorAuth | None = None
-    new_prior_auth: bool = False  # issued by this call (and already stored: Store.issue_prior_auth)
     unchanged: bool = False  # the order already carries this assertion: no system action (CRD §resp-29)
     client_has_questionnaire: bool = False  # the EHR already holds the Questionnaire (CRD §dev-20): no create
     notes: tuple[str, ...] = ()
@@ -471,7 +470,6 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
     # the reuse key: payer, patient under this Coverage (patient_key), product, policy|version. A new authorization is
     # stored as it is issued, so that calls racing to sign one order answer with one PA id (Store.issue_prior_auth)
     issued = rt.store.active_prior_auth(payer.id, job.patient_key, product.id, policy.ref, ctx.today)
-    new = False
     if issued is None:
         candidate = PriorAuth(
             rt.new_pa_id(),
@@ -485,7 +483,6 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
             product.authorization.doses,
         )
         issued = rt.store.issue_prior_auth(candidate, ctx.today)
-        new = issued.pa_id == candidate.pa_id
     until = (
         f"valid through {issued.valid_to.isoformat()}"
         if issued.valid_to
@@ -497,7 +494,7 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
     info = stamp.info(
         covered="covered", pa_needed="satisfied", satisfied_pa_id=issued.pa_id, billing_codes=billing, reasons=(reason,)
     )
-    return job.result(info, det, prior_auth=issued, new_prior_auth=new)
+    return job.result(info, det, prior_auth=issued)
 
 
 def _valid_to(today: date, det: Determination) -> date | None:

@@ -47,10 +47,6 @@ class FhirClient:
             headers={"Accept": "application/fhir+json, application/json", "Authorization": f"Bearer {token}"},
         )
 
-    @property
-    def deadline(self) -> float:
-        return self.reader.deadline
-
     def get(self, relative: str) -> Any:
         url = relative if relative.startswith(("http://", "https://")) else urljoin(self.base + "/", relative)
         if not same_server(self.base, url):

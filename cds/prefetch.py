@@ -1,5 +1,10 @@
 """Where the data for a decision comes from: the request's prefetch first, then the EHR's FHIR server.
 
+:func:`open_source` decides whether the EHR may be queried at all (the client's ``fhir_servers``), and the
+:class:`DataSource` holds one of the process's EHR slots while it queries (slow EHRs never take every thread).
+:func:`check_resource` tells the client's mistake (an invalid prefetched resource: 400) from data we read from the
+EHR and cannot use (412).
+
 The prefetch templates (CDS Hooks 2.0: root-level context tokens only) are also the queries run when a key is
 missing, so data from either path is the same. A key holding ``null`` means "no data"; a key holding an
 OperationOutcome means the client could not fetch it, and it is queried like a missing key.

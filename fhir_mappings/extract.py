@@ -39,7 +39,12 @@ _RESULT_CODES: Mapping[str, str] = {
     "DET": "positive",
     "NEG": "negative",
     "ND": "negative",
+    "RR": "positive",  # v3 reactive
+    "NR": "negative",  # v3 non-reactive
+    "N": "negative",  # v3 normal: for a qualitative test, not detected
+    "A": "positive",  # v3 abnormal: for a qualitative test, detected
 }
+_VIRAL_LOAD_UNITS = frozenset({"[IU]/mL", "{copies}/mL", "{log_IU}/mL", "{log_copies}/mL"})
 _RESULT_TEXT: Mapping[str, str] = {
     "positive": "positive",
     "detected": "positive",
@@ -708,10 +713,11 @@ def _qualitative(obs: Mapping[str, Any]) -> str | None:
             hit = _RESULT_CODES.get(str(c.get("code")))
             if hit:
                 return hit
-    # a quantitative result (a viral load): a quantified amount is a detected one; "<15 IU/mL" alone does not say
-    # whether the target was detected below the limit or not at all, so without a flag or text it settles nothing
+    # a viral load (IU/mL, copies/mL, log IU/mL): a quantified amount is a detected one; "<15 IU/mL" alone does not
+    # say whether the target was detected below the limit or not at all, so without a flag or text it settles
+    # nothing. Other quantities (an immunoassay's S/CO index) are never read as a result without their flag.
     vq = obs.get("valueQuantity")
-    if isinstance(vq, Mapping) and not vq.get("comparator"):
+    if isinstance(vq, Mapping) and not vq.get("comparator") and units.quantity_unit(vq) in _VIRAL_LOAD_UNITS:
         value = vq.get("value")
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
             return "positive"

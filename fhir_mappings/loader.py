@@ -39,7 +39,19 @@ KIND_TYPES: Mapping[str, str] = MappingProxyType(
 )
 CODED_KINDS = frozenset({"drug", "condition", "order_reason", "specialty", "lab", "lab_code", "procedure", "setting"})
 STRENGTHS = frozenset({"proof", "partial"})
-_INPUT_KEYS = {"kind", "type", "display", "unit", "question", "options", "drug", "mode", "recency_days", "pick"}
+_INPUT_KEYS = {
+    "kind",
+    "type",
+    "display",
+    "unit",
+    "question",
+    "options",
+    "drug",
+    "mode",
+    "recency_days",
+    "pick",
+    "disorder",
+}
 # medication_history modes: any record of the drug (ever), a current one (current), or one showing it was given
 # (administered: a completed / in-progress MedicationAdministration or an active / completed MedicationStatement;
 # an earlier order only suggests it)
@@ -66,6 +78,7 @@ class InputDef:
     mode: str = "ever"  # medication_history: one of HISTORY_MODES
     recency_days: int | None = None  # default window for lab results
     pick: str = "latest"  # lab / lab_code: which result is read (LAB_PICKS; lowest / highest: quantities only)
+    disorder: bool = False  # condition / order_reason: a diagnosis that is some policy's indication (not an event)
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,9 @@ def _input(file: str, name: str, spec: Any) -> InputDef:
     recency = spec.get("recency_days")
     if recency is not None and (not isinstance(recency, int) or recency <= 0):
         raise MappingLoadError(file, f"{name}.recency_days", "must be a positive whole number")
+    disorder = spec.get("disorder", False)
+    if not isinstance(disorder, bool) or (disorder and kind not in ("condition", "order_reason")):
+        raise MappingLoadError(file, f"{name}.disorder", "true or false, for condition and order_reason inputs")
     return InputDef(
         name=name,
         kind=kind,
@@ -197,6 +213,7 @@ def _input(file: str, name: str, spec: Any) -> InputDef:
         mode=mode,
         recency_days=recency,
         pick=pick,
+        disorder=disorder,
     )
 
 

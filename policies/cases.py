@@ -4,8 +4,10 @@ A case gives facts by input name (the engine's view of the record, no FHIR neede
 order, and what it wants. Shorthand for facts: ``true``/``false`` for yes/no inputs, ``partial`` for a non-specific
 code, ``unsearched`` for a source that was not available, a number for a quantity in the input's unit (measured
 today) or ``{value, unit, days_ago, comparator}``, a number of years or a partial birth date for ``age_years``.
-Inputs a case does not name were searched and nothing was found. ``defaults`` may give facts, answers and the order
-for every case; ``null`` in a case takes a default back.
+A lab given as a mapping may add ``below_range: true/false`` (the lab's own flag). ``reason`` is what the order's own
+reason names: diagnosis inputs as ``true`` (a code that proves it) or ``partial`` (one that suggests it), ``{}`` for a
+coded reason that maps to nothing. Inputs a case does not name were searched and nothing was found. ``defaults`` may
+give facts, answers and the order for every case; ``null`` in a case takes a default back.
 
 Used by the test suite and by ``cds policy check``; a mismatch is reported as ``file: note: what differs``.
 """

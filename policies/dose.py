@@ -116,12 +116,12 @@ def _impossible(
     quantity of 0, a frequency of 0 or a weight of 0 kg is an error in the order or the chart, not a request a
     pharmacist can approve or deny on the criteria. The rule stays unknown, so the answer is "authorization needed"
     with the reason naming the amount: the prescriber corrects the order and signs again, or the request goes to
-    review with the order as written. The rule's question is still asked (the form and the card show the rule with
-    this note beside it), but no yes/no answer settles it: this is checked before answers. A positive body weight
+    review with the order as written. No question is asked for it (no answer could settle it: this is checked
+    before answers); the reason and the card name the amount to correct. A positive body weight
     answered for the rule does replace an impossible one on record."""
     problems = amounts.impossible(order)
     if problems:
-        return DoseResult(rule, State.UNKNOWN, "; ".join(problems), ask="attest", impossible=True)
+        return DoseResult(rule, State.UNKNOWN, "; ".join(problems), impossible=True)
     if WEIGHT in DOSE_KINDS[rule.kind].inputs(rule):
         weight = _weight(rule, facts, answers, today)
         if weight.impossible:

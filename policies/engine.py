@@ -19,6 +19,7 @@ from fhir_mappings.loader import InputDef, Mappings
 from policies import amounts
 from policies import dose as dose_rules
 from policies.model import DoseRule, Indication, Node, Policy, Product, State
+from policies.needs import diagnosis_inputs
 
 
 class Decision(StrEnum):
@@ -388,7 +389,7 @@ def evaluate(
     stated = facts.reasons()
     diagnoses = [(ind, ev.node(ind.diagnosis)) for ind in product.indications]
     named = _named_by_reason(product, stated, mappings)
-    outside = chosen_id is None and stated.coded and not named and _names_a_disorder(policy, stated)
+    outside = chosen_id is None and stated.coded and not named and _names_a_disorder(stated, mappings)
     if chosen_id is not None:
         candidates = [
             (ind, Finding(ind.diagnosis, State.MET, answers.evidence(product.selection_id), "answered"))
@@ -517,15 +518,6 @@ def _selection_node(product: Product) -> Node:
     return Node(op="attested", id=product.selection_id, text=f"Which indication is {product.title} requested for?")
 
 
-def diagnosis_inputs(node: Node, mappings: Mappings) -> frozenset[str]:
-    """The diagnosis inputs an indication's diagnosis criterion tests."""
-    return frozenset(
-        n.input
-        for n in node.walk()
-        if n.op == "present" and n.input and mappings.inputs[n.input].kind in ("condition", "order_reason")
-    )
-
-
 def _named_by_reason(product: Product, stated: Reasons, mappings: Mappings) -> frozenset[str]:
     """The indications the order's reason names (a code that proves or suggests their diagnosis)."""
     if not stated.coded:
@@ -535,11 +527,12 @@ def _named_by_reason(product: Product, stated: Reasons, mappings: Mappings) -> f
     )
 
 
-def _names_a_disorder(policy: Policy, stated: Reasons) -> bool:
-    """Whether the reason names a disorder some policy treats as an indication (hemophilia A, factor VII deficiency,
-    ...). A reason that names only an event such as a bleed does not: bleeds are what covered orders treat, so the
-    record then decides as if no reason were given."""
-    return bool(stated.matched.keys() & policy.indication_inputs)
+def _names_a_disorder(stated: Reasons, mappings: Mappings) -> bool:
+    """Whether the reason names a disorder that is an indication of some policy (inputs.yaml ``disorder: true``:
+    hemophilia A, factor VII deficiency, heart block ...). A reason that names only an event such as a bleed does
+    not: bleeds are what covered orders treat, so the record then decides as if no reason were given. Mapping data,
+    so the answer does not depend on which policies a deployment loads."""
+    return any(mappings.inputs[name].disorder for name in stated.matched if name in mappings.inputs)
 
 
 def _reason_codes(stated: Reasons, mappings: Mappings) -> list[str]:
@@ -552,9 +545,9 @@ def _order_check(policy: Policy, order: Mapping[str, Any]) -> list[dose_rules.Do
     if not problems:
         return []
     rule = DoseRule(
-        id=f"{policy.number}-order",
+        id=f"{policy.criterion_prefix}order",
         kind="order",
-        text="The order states a dose, quantity and timing that can be given",
+        text="The order states a dose, quantity and timing that can be given (this service's own check)",
     )
     return [dose_rules.DoseResult(rule, State.UNKNOWN, "; ".join(problems), impossible=True)]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -36,6 +36,7 @@ from policies.model import (
     Reauthorization,
     Statement,
 )
+from policies.needs import diagnosis_inputs
 
 HERE = Path(__file__).parent
 _TOP_KEYS = {
@@ -301,6 +302,15 @@ class _Reader:
                 default_id=None if isinstance(diag_raw, dict) and "id" in diag_raw else iid,
                 default_text=str(ind["title"]),
             )
+            unmarked = sorted(
+                n for n in diagnosis_inputs(diagnosis, self.mappings) if not self.mappings.inputs[n].disorder
+            )
+            if unmarked:
+                raise self.fail(
+                    f"{iplace}.diagnosis",
+                    f"{', '.join(unmarked)}: an indication's diagnosis is a disorder; mark it `disorder: true` in "
+                    "fhir_mappings/inputs.yaml (an order whose reason names it is then judged by it)",
+                )
             criteria = self.criteria(ind["criteria"], f"{iplace}.criteria") if ind.get("criteria") else ()
             indications.append(
                 Indication(
@@ -449,6 +459,7 @@ def load_policy(folder: Path, mappings: Mappings) -> Policy:
         products=products,
         path=str(folder),
         content_hash=content_hash(raw),
+        criterion_prefix=r.prefix,
     )
 
 
@@ -479,13 +490,4 @@ def load_policies(mappings: Mappings, directory: Path | None = None) -> PolicySe
         if policy.id != folder.name:
             raise PolicyLoadError(str(folder / "policy.yaml"), "id", f"must equal the folder name '{folder.name}'")
         policies[policy.id] = policy
-    from policies.engine import diagnosis_inputs
-
-    disorders = frozenset(
-        name
-        for policy in policies.values()
-        for product in policy.products
-        for ind in product.indications
-        for name in diagnosis_inputs(ind.diagnosis, mappings)
-    )
-    return PolicySet(MappingProxyType({k: replace(p, indication_inputs=disorders) for k, p in policies.items()}))
+    return PolicySet(MappingProxyType(policies))

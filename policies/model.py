@@ -96,8 +96,8 @@ class Statement:
 class Authorization:
     id: str
     text: str
-    initial_months: int | None  # None: the approval is for a number of doses, not a period
-    renewal_months: int | None  # None: may not be renewed
+    initial_months: int | None  # None: the approval is for a number of doses, or for `days`
+    renewal_months: int | None  # None: may not be renewed (unless it is counted in `days`)
     doses: int | None = None  # one-time therapies
     days: int | None = None  # an approval counted in days (Dsuvia: 72 hours), initial and renewal alike
 
@@ -168,9 +168,7 @@ class Policy:
     products: tuple[Product, ...]
     path: str
     content_hash: str
-    # diagnosis inputs that are an indication of some loaded policy (a reason naming one of them names a disorder,
-    # not an event such as a bleed); set when the policy set is loaded
-    indication_inputs: frozenset[str] = frozenset()
+    criterion_prefix: str = ""  # every criterion id starts with it (IP0356-, PH109-, KS-, C1701-)
 
     @property
     def ref(self) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from fhir_mappings.loader import Mappings
 from policies import dose
-from policies.model import Product
+from policies.model import Node, Product
 
 
 def inputs_of(product: Product) -> frozenset[str]:
@@ -15,3 +16,12 @@ def inputs_of(product: Product) -> frozenset[str]:
         if alternative is not None:
             used.add(alternative.drug)
     return frozenset(used)
+
+
+def diagnosis_inputs(node: Node, mappings: Mappings) -> frozenset[str]:
+    """The diagnosis inputs an indication's diagnosis criterion tests (what an order's stated reason is matched to)."""
+    return frozenset(
+        n.input
+        for n in node.walk()
+        if n.op == "present" and n.input and mappings.inputs[n.input].kind in ("condition", "order_reason")
+    )

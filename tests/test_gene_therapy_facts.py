@@ -233,3 +233,14 @@ def test_factor_ix_taken_as_needed_is_not_routine_prophylaxis(mappings: Mappings
     assert facts(mappings, medication_history=(scheduled,)).get("history.fix_prophylaxis").value is True
     fact = facts(mappings, medication_history=(on_demand,)).get("history.fix_prophylaxis")
     assert fact.value is None and fact.partial and "as needed" in fact.note
+
+
+def test_an_immunoassay_index_is_read_by_its_flag_not_as_a_detected_amount(mappings: Mappings) -> None:
+    """HBsAg reported as an S/CO index with the v3 flag N (non-reactive) is negative, not "a quantity, so detected"."""
+    index = observation("5196-1", 0.21, "{s_co_ratio}", oid="obs-hbsag")
+    index["interpretation"] = [
+        {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "N"}]}
+    ]
+    assert facts(mappings, observations=(index,)).get("lab.hbsag").value == "negative"
+    index.pop("interpretation")
+    assert facts(mappings, observations=(index,)).get("lab.hbsag").value is None

@@ -19,6 +19,7 @@ from conftest import post_hook
 from flask import Flask
 from hookcalls import decide
 from sqlalchemy import insert, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from cds.store import PriorAuth, Store, prior_auths, redact_tokens, reuse_index
 
@@ -87,7 +88,7 @@ def test_racing_issues_under_one_key_share_one_authorization(store: Store) -> No
 
 def test_the_database_refuses_a_second_active_authorization_for_a_key(store: Store) -> None:
     exchange(store, "{}", prior=[pa("PA-1")])
-    with pytest.raises(Exception):  # noqa: B017 - the unique index on the reuse key
+    with pytest.raises(IntegrityError):  # noqa: B017 - the unique index on the reuse key
         exchange(store, "{}", "hi-2", prior=[pa("PA-2")])
     assert store.exchanges_for("hi-2") == []
     exchange(store, "{}", "hi-3", prior=[pa("PA-3", patient_key="another")])  # another key is fine

@@ -292,6 +292,7 @@ def test_a_stale_key_set_serves_while_it_is_refreshed(tmp_path: Any, client_key:
         fetch=fetch,
     )
     assert verifier.verify(f"Bearer {client_key.token('a')}", "a")  # first fetch
+    verifier._sets[TEST_ISS].tried_at -= 11  # as if 11 s had passed: a refresh is due
     refresher = threading.Thread(target=lambda: verifier.verify(f"Bearer {client_key.token('a')}", "a"))
     refresher.start()
     assert entered.wait(5)
@@ -300,6 +301,34 @@ def test_a_stale_key_set_serves_while_it_is_refreshed(tmp_path: Any, client_key:
     refresher.join(5)
     store.dispose()
     assert claims["iss"] == TEST_ISS and len(calls) == 2
+
+
+def test_a_jwks_host_that_is_down_is_not_asked_again_on_every_token(tmp_path: Any, client_key: ClientKey) -> None:
+    calls: list[str] = []
+
+    def fetch(url: str) -> Any:
+        calls.append(url)
+        if len(calls) > 1:
+            raise ValueError("down")
+        return client_key.jwks
+
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
+    store.init()
+    verifier = Verifier(
+        [TrustedClient(TEST_ISS, jwks_url="https://ehr.test/jwks")],
+        store,
+        leeway=60,
+        max_age=3600,
+        cache_seconds=0,  # always stale
+        fetch=fetch,
+    )
+    for _ in range(5):
+        assert verifier.verify(f"Bearer {client_key.token('a')}", "a")["iss"] == TEST_ISS
+    verifier._sets[TEST_ISS].tried_at -= 11  # 11 s later: one more try, which fails; the set held still serves
+    for _ in range(5):
+        assert verifier.verify(f"Bearer {client_key.token('a')}", "a")["iss"] == TEST_ISS
+    store.dispose()
+    assert len(calls) == 2
 
 
 # --- 3. slow EHRs never take every thread -------------------------------------------------------------------------
@@ -351,7 +380,7 @@ def test_over_http_dripping_ehrs_do_not_starve_prefetched_calls(
         slow = [threading.Thread(target=slow_call, daemon=True) for _ in range(4)]
         for t in slow:
             t.start()
-        time.sleep(1.0)
+        assert _until(lambda: ehr.connections >= 2, 10.0), "two calls should be reading the dripping EHR"
         resp = post(hook_request([med_order()], conditions=[]))
         dripping = sum(t.is_alive() for t in slow)
     finally:

@@ -48,7 +48,6 @@ import json
 import re
 import secrets
 import sqlite3
-import statistics
 import threading
 import time
 import uuid
@@ -2801,44 +2800,21 @@ def test_173_client_mistakes_are_4xx_without_stack_traces(deployment: Deployment
 # === G. Performance, feedback, operations ===========================================================================
 
 
-def test_174_ninety_percent_within_5_seconds(deployment: Deployment, ehr: FakeEHR) -> None:
-    """#174 >=90% of order-sign and order-select responses within 5 s (CRD §found-2), prefetched and queried."""
-    calls = [approved, needs_information, dose_over_limit, no_policy] * 3
-    times = []
-    for build in calls:
+def test_174_to_176_every_kind_of_call_answers_prefetched_or_queried(deployment: Deployment, ehr: FakeEHR) -> None:
+    """#174-#176 are timing checks (>=90% within 5 s, first calls within 10 s, typical ~500 ms; CRD §found-2, CDS
+    Hooks). Timing is not asserted in the test suite: bench/order_sign.py measures it (README, Benchmark). What a
+    test can hold is that every kind of call answers, prefetched and queried, and for patients never seen before."""
+    for build in (approved, needs_information, dose_over_limit, no_policy):
         for body in (build(), build(hook="order-select"), build(omit=ALL_KEYS, fhir_server=ehr.base)):
-            started = time.perf_counter()
             assert deployment.hook(body).status_code == 200
-            times.append(time.perf_counter() - started)
-    assert sum(t < 5 for t in times) >= 0.9 * len(times), sorted(times)[-5:]
-
-
-def test_175_first_calls_for_a_patient_within_10_seconds(deployment: Deployment, ehr: FakeEHR) -> None:
-    """#175 >=90% of order-sign calls with no invocation for the same patient in the prior 24 h within 10 s (CRD
-    §found-2): ten patients never seen before, their data queried from the EHR."""
-    times = []
-    for i in range(10):
-        pid = f"pat-new-{secrets.token_hex(4)}-{i}"
-        ehr.add(
-            patient(pid=pid),
-            coverage(cid=f"cov-{pid}", subscriberId=f"M-{pid}", beneficiary={"reference": f"Patient/{pid}"}),
-        )
-        body = hook_request([med_order(subject={"reference": f"Patient/{pid}"})], omit=ALL_KEYS, fhir_server=ehr.base)
-        body["context"]["patientId"] = pid
-        started = time.perf_counter()
-        assert deployment.post(body).status_code == 200
-        times.append(time.perf_counter() - started)
-    assert sum(t < 10 for t in times) >= 9, times
-
-
-def test_176_typical_responses_take_about_500_ms(deployment: Deployment) -> None:
-    """#176 Typical responses "on the order of 500 ms" (CDS Hooks, SHOULD): the median of prefetched calls."""
-    times = []
-    for _ in range(15):
-        started = time.perf_counter()
-        assert deployment.post(needs_information()).status_code == 200
-        times.append(time.perf_counter() - started)
-    assert statistics.median(times) < 0.5, times
+    pid = f"pat-new-{secrets.token_hex(4)}"
+    ehr.add(
+        patient(pid=pid),
+        coverage(cid=f"cov-{pid}", subscriberId=f"M-{pid}", beneficiary={"reference": f"Patient/{pid}"}),
+    )
+    body = hook_request([med_order(subject={"reference": f"Patient/{pid}"})], omit=ALL_KEYS, fhir_server=ehr.base)
+    body["context"]["patientId"] = pid
+    assert deployment.post(body).status_code == 200
 
 
 def test_177_every_invocation_and_response_is_retained(deployment: Deployment, corpus: dict[str, Exchange]) -> None:
@@ -2873,15 +2849,14 @@ def test_177_every_invocation_and_response_is_retained(deployment: Deployment, c
 
 def test_179_a_useful_answer_when_the_ehr_is_slow(deployment: Deployment) -> None:
     """#179 A useful answer when back ends fail (CRD §impl-2): an EHR slower than the service's 3 s budget still
-    gets a 200 with coverage information in time, its unread data asked through DTR."""
+    gets a 200 with coverage information (the read is cut at the deadline: tests/test_hardening_upstream.py), its
+    unread data asked through DTR, with a technical reason."""
     with FakeEHR() as slow:
         slow.add(*ehr_chart())
         slow.delay = 4.0
-        started = time.perf_counter()
         info = only_info(deployment.post(approved(omit=("conditions",), fhir_server=slow.base)))
-        elapsed = time.perf_counter() - started
-    assert elapsed < 5
     assert info["pa-needed"] == ["auth-needed"] and info["doc-needed"] == ["clinical"]
+    assert any(r.get("coding", [{}])[0].get("code") == "technical" for r in info["reason"]), info["reason"]
     assert any("technical" in json.dumps(r) for r in info["reason"])
 
 

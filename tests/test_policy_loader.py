@@ -118,3 +118,18 @@ def test_the_shipped_policies_have_nothing_unreachable(policies: object) -> None
     from policies.check import unreachable
 
     assert [p for policy in policies.policies.values() for p in unreachable(policy)] == []  # type: ignore[attr-defined]
+
+
+def test_an_indication_diagnosis_must_be_marked_a_disorder(tmp_path: Path, mappings: Mappings) -> None:
+    """The order's reason is judged by inputs.yaml `disorder: true` (mapping data, the same whatever policies are
+    loaded); a policy whose indication tests an unmarked diagnosis input does not load."""
+    shutil.copytree(HERE / "cigna-ip0356", tmp_path / "cigna-ip0356")
+    path = tmp_path / "cigna-ip0356" / "policy.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "diagnosis: {op: present, input: dx.acquired_hemophilia}",
+            "diagnosis: {op: present, input: dx.gi_or_variceal_bleeding}",
+        )
+    )
+    with pytest.raises(PolicyLoadError, match="disorder: true"):
+        load_policies(mappings, tmp_path)
