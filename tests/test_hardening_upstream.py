@@ -270,6 +270,21 @@ def test_a_slow_jwks_fetch_of_one_client_does_not_hold_up_another(tmp_path: Any,
     assert still_fetching and refused
 
 
+def stale_verifier(tmp_path: Any, fetch: Callable[[str], Any]) -> tuple[Store, Verifier]:
+    """A verifier for TEST_ISS by jwks_url whose key set is always stale (cache_seconds 0), over a fresh store."""
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
+    store.init()
+    verifier = Verifier(
+        [TrustedClient(TEST_ISS, jwks_url="https://ehr.test/jwks")],
+        store,
+        leeway=60,
+        max_age=3600,
+        cache_seconds=0,
+        fetch=fetch,
+    )
+    return store, verifier
+
+
 def test_a_stale_key_set_serves_while_it_is_refreshed(tmp_path: Any, client_key: ClientKey) -> None:
     entered, release = threading.Event(), threading.Event()
     calls = []
@@ -281,16 +296,7 @@ def test_a_stale_key_set_serves_while_it_is_refreshed(tmp_path: Any, client_key:
             release.wait(10)
         return client_key.jwks
 
-    store = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
-    store.init()
-    verifier = Verifier(
-        [TrustedClient(TEST_ISS, jwks_url="https://ehr.test/jwks")],
-        store,
-        leeway=60,
-        max_age=3600,
-        cache_seconds=0,  # always stale: every call wants a refresh
-        fetch=fetch,
-    )
+    store, verifier = stale_verifier(tmp_path, fetch)  # always stale: every call wants a refresh
     assert verifier.verify(f"Bearer {client_key.token('a')}", "a")  # first fetch
     verifier._sets[TEST_ISS].tried_at -= 11  # as if 11 s had passed: a refresh is due
     refresher = threading.Thread(target=lambda: verifier.verify(f"Bearer {client_key.token('a')}", "a"))
@@ -312,16 +318,7 @@ def test_a_jwks_host_that_is_down_is_not_asked_again_on_every_token(tmp_path: An
             raise ValueError("down")
         return client_key.jwks
 
-    store = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
-    store.init()
-    verifier = Verifier(
-        [TrustedClient(TEST_ISS, jwks_url="https://ehr.test/jwks")],
-        store,
-        leeway=60,
-        max_age=3600,
-        cache_seconds=0,  # always stale
-        fetch=fetch,
-    )
+    store, verifier = stale_verifier(tmp_path, fetch)
     for _ in range(5):
         assert verifier.verify(f"Bearer {client_key.token('a')}", "a")["iss"] == TEST_ISS
     verifier._sets[TEST_ISS].tried_at -= 11  # 11 s later: one more try, which fails; the set held still serves
