@@ -16,6 +16,7 @@ from cds.crd import Assessed, Assessment
 from cds.hookrequest import HookRequest
 from cds.runtime import Runtime
 from policies import explain
+from policies.dose import without_coverage_info
 from policies.engine import Decision
 
 SDC_TEMP = "http://hl7.org/fhir/uv/sdc/CodeSystem/temp"
@@ -211,17 +212,13 @@ class _Builder:
         if alternative is not None and self._option(constants.OPTION_ALTERNATIVES):
             coding = self._drug_codings(alternative.drug)
             if coding:
-                proposal = dict(a.order)
+                # the EHR's own extensions stay; the coverage-information spoke of the drug no longer ordered
+                proposal = without_coverage_info(a.order)
                 proposal["medicationCodeableConcept"] = {
                     "coding": coding,
                     "text": self.rt.mappings.inputs[alternative.drug].display,
                 }
                 proposal.pop("medicationReference", None)
-                # the EHR's own extensions stay; the coverage-information spoke of the drug no longer ordered
-                kept_ext = [e for e in proposal.get("extension") or () if e.get("url") != constants.COVERAGE_INFO_URL]
-                proposal.pop("extension", None)
-                if kept_ext:
-                    proposal["extension"] = kept_ext
                 name = self.rt.mappings.inputs[alternative.drug].display
                 self.card(
                     constants.OPTION_ALTERNATIVES,

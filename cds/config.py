@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cds.constants import LOOPBACK_FHIR_SERVERS
 from cds.errors import ConfigError
 
 
@@ -87,7 +88,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fhir_max_response_bytes", 4_000_000, "Largest EHR FHIR response read; a larger one fails that read."),
     Setting(
         "fhir_servers",
-        ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+        list(LOOPBACK_FHIR_SERVERS),
         "FHIR servers a call with no verified client (`auth_required = false`) may name in `fhirServer`; each "
         "client's own list is its `fhir_servers` in `[[clients]]`. A port `*` matches any port.",
     ),

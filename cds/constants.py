@@ -27,3 +27,6 @@ OPTION_ALTERNATIVES = "therapy-alternatives-opt"
 OPTION_FORM_COMPLETION = "request-form-completion"
 OPTION_UNSOLICITED = "unsolicited-determ"
 OPTION_MAX_CARDS = "max-cards"
+
+# FHIR servers on this machine, any port (the quick start's EHR; the default for unauthenticated calls)
+LOOPBACK_FHIR_SERVERS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cds.auth import TrustedClient
+from cds.constants import LOOPBACK_FHIR_SERVERS
 
 DEMO_ISS = "urn:cds:demo-client"
 KEY_FILE = "demo-client-key.pem"
@@ -44,8 +45,7 @@ def public_jwk(key: ec.EllipticCurvePrivateKey, kid: str = "demo-1") -> dict[str
 def demo_client(data_dir: Path) -> TrustedClient:
     key = _load_or_create(data_dir)
     # the quick start's EHR runs on this machine: the demo client may name a FHIR server on loopback only
-    loopback = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
-    return TrustedClient(iss=DEMO_ISS, jwks={"keys": [public_jwk(key)]}, fhir_servers=loopback)
+    return TrustedClient(iss=DEMO_ISS, jwks={"keys": [public_jwk(key)]}, fhir_servers=LOOPBACK_FHIR_SERVERS)
 
 
 def mint(data_dir: Path, audience: str, lifetime: int = 300) -> str:

@@ -240,10 +240,6 @@ def redact_tokens(text: str) -> str:
     By pattern, in one linear pass, whether or not the body parses (what reaches the store may be hostile: malformed,
     nested too deep): a token member is found by its plain name, also after a lost quote, and by a name written with
     escapes. Parsing the body again here would cost more than the whole pattern pass."""
-    return _redact_text(text)
-
-
-def _redact_text(text: str) -> str:
     text = _TOKEN_MEMBER.sub(lambda m: f'{m.group(1)}"{REDACTED}"', text)
     if "\\" not in text:
         return text

@@ -693,11 +693,15 @@ def _under_way(procedure: Mapping[str, Any], today: date) -> bool:
     return when is not None and (today - when).days <= CURRENT_PROCEDURE_DAYS
 
 
+def as_needed(dosage: Mapping[str, Any]) -> bool:
+    """The dosage is taken as needed (``asNeededBoolean`` true, or an ``asNeededCodeableConcept`` reason)."""
+    return dosage.get("asNeededBoolean") is True or isinstance(dosage.get("asNeededCodeableConcept"), Mapping)
+
+
 def _as_needed_only(res: Mapping[str, Any]) -> bool:
     """Whether every dosage of a MedicationRequest / MedicationStatement is "as needed" (none scheduled)."""
-    dosages = res.get("dosageInstruction") or res.get("dosage") or ()
-    dosages = [d for d in dosages if isinstance(d, Mapping)]
-    return bool(dosages) and all(d.get("asNeededBoolean") is True or d.get("asNeededCodeableConcept") for d in dosages)
+    dosages = [d for d in res.get("dosageInstruction") or res.get("dosage") or () if isinstance(d, Mapping)]
+    return bool(dosages) and all(as_needed(d) for d in dosages)
 
 
 def _qualitative(obs: Mapping[str, Any]) -> str | None:

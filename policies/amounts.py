@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fhir_mappings import units
+from fhir_mappings.extract import as_needed
 
 PERIOD_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1.0, "wk": 7.0, "mo": 30.0, "a": 365.0}
 Figure = tuple[float, str, str]
@@ -132,11 +133,6 @@ Convert = Callable[[float, str, str], float]  # (amount, from unit, to unit); ra
 PRN_UNCOUNTED = (
     "the dosage is as needed with no maximum dose per period or count, so it is not counted over the whole window"
 )
-
-
-def as_needed(di: Mapping[str, Any]) -> bool:
-    """The dosage is taken as needed (``asNeededBoolean`` true, or an ``asNeededCodeableConcept`` reason)."""
-    return di.get("asNeededBoolean") is True or isinstance(di.get("asNeededCodeableConcept"), Mapping)
 
 
 def _max_per_day(di: Mapping[str, Any], unit: str, convert: Convert = units.convert) -> float | None:

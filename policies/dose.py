@@ -150,7 +150,7 @@ def _floor(value: float) -> float | int:
     return int(math.floor(value)) if value >= 10 else math.floor(value * 100) / 100
 
 
-def _without_coverage_info(order: Mapping[str, Any]) -> dict[str, Any]:
+def without_coverage_info(order: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the order for a proposal; its coverage-information extensions spoke of the old order."""
     proposal = copy.deepcopy(dict(order))
     kept = [e for e in proposal.get("extension") or () if e.get("url") != COVERAGE_INFO_URL]
@@ -163,7 +163,7 @@ def _without_coverage_info(order: Mapping[str, Any]) -> dict[str, Any]:
 
 def _scaled(order: Mapping[str, Any], dose_factor: float, dispense_factor: float) -> dict[str, Any]:
     """The order with its dose and dispense amounts scaled down (rounded down); nothing else changed."""
-    proposal = _without_coverage_info(order)
+    proposal = without_coverage_info(order)
     for di in proposal.get("dosageInstruction") or ():
         for dr in di.get("doseAndRate") or ():
             dq = dr.get("doseQuantity")
@@ -312,7 +312,7 @@ def _course_days(order: Mapping[str, Any]) -> tuple[float, str] | None:
 
 def _bounded_course(order: Mapping[str, Any], hours: float) -> dict[str, Any]:
     """The order with its course limited to ``hours`` (boundsDuration and expected supply duration)."""
-    proposal = _without_coverage_info(order)
+    proposal = without_coverage_info(order)
     limit = {"value": hours, "unit": "h", "system": systems.UCUM, "code": "h"}
     for di in proposal.get("dosageInstruction") or ():
         repeat = di.setdefault("timing", {}).setdefault("repeat", {})
@@ -396,7 +396,7 @@ def _check_units(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers
     note = f"{count:g} {unit} requested ({how}); limit {limit:g} {unit} per approval"
     if count <= limit:
         return DoseResult(rule, State.MET, note, computed=count)
-    proposal = _without_coverage_info(order)
+    proposal = without_coverage_info(order)
     disp = proposal.setdefault("dispenseRequest", {})
     disp["quantity"] = {"value": limit, "unit": str(rule.params["unit"]), "system": systems.UCUM, "code": unit}
     disp.pop("numberOfRepeatsAllowed", None)
@@ -444,7 +444,7 @@ def _check_band(rule: DoseRule, order: Mapping[str, Any], facts: Facts, answers:
         return DoseResult(rule, State.MET, f"{note}; the order names no kit", evidence)
     if wanted in keys:
         return DoseResult(rule, State.MET, note, evidence)
-    proposal = _without_coverage_info(order)
+    proposal = without_coverage_info(order)
     concept = proposal.setdefault("medicationCodeableConcept", {"coding": []})
     concept["coding"] = [
         c for c in concept.get("coding") or () if systems.canonical_system(c.get("system")) != systems.NDC

@@ -1,4 +1,4 @@
-"""The CRD server checklist (/work/shared/docs/crd-conformance-checks.md), check by check, against a real `cds serve`.
+"""The CRD server checklist (shared/docs/crd-conformance-checks.md), check by check, against a real `cds serve`.
 
 One server process for the whole module (`cds serve`, one gunicorn worker, SQLite), three small FHIR servers standing
 in for EHRs (tests/fake_ehr.py), and a small HTTP server publishing the JWK Set of an Inferno-shaped client (`jku`).
@@ -1854,7 +1854,7 @@ def test_094_create_and_update_carry_a_valid_whole_resource(corpus: dict[str, Ex
 
 def test_094_an_alternative_drug_keeps_the_orders_other_extensions(deployment: Deployment) -> None:
     """#94 `update` carries the whole resource: the covered-alternative proposal for an order that carries an
-    extension of the EHR's keeps it (as the dose proposal does, policies/dose.py _without_coverage_info)."""
+    extension of the EHR's keeps it (as the dose proposal does, policies.dose.without_coverage_info, which it uses)."""
     vendor = {"url": "http://ehr.example.org/fhir/StructureDefinition/order-set", "valueString": "hemophilia-acute"}
     body = hook_request([med_order(code="J7212", oid="mr-sevenfact", extension=[vendor])], conditions=ACQUIRED)
     resp = deployment.post(body)
