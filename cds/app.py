@@ -16,13 +16,15 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
-from cds import fhir_api, hooks, pages, routes
+from cds import fhir_api, pages
 from cds.auth import Verifier, client_from_config, fetch_jwks
 from cds.config import Config, load_config
+from cds.crd import hooks
+from cds.crd import http as routes
+from cds.crd.prefetch import order_prefetch
 from cds.demo import demo_client
 from cds.errors import CdsError, ConfigError, status_error, to_operation_outcome
 from cds.payers import PayerRegistry
-from cds.prefetch import order_prefetch
 from cds.runtime import Runtime, random_id, random_pa_id, utc_now
 from cds.store import Store
 from fhir_mappings.loader import load_mappings

@@ -81,7 +81,7 @@ def cmd_policy_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cds.evaluate import evaluate_file
+    from cds.crd.evaluate import evaluate_file
 
     print(evaluate_file(Path(args.request), as_json=args.json, today=args.today))
     return 0

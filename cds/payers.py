@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cds.crd.prefetch import DataSource, check_resource
 from cds.errors import CoverageProblem, DataUnavailable
-from cds.prefetch import DataSource, check_resource
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now
     new_id: Callable[[], str] = random_id
     new_pa_id: Callable[[], str] = random_pa_id
-    # hook calls of this process that may wait on EHR reads at once (cds.prefetch.DataSource); made before gunicorn
+    # hook calls of this process that may wait on EHR reads at once (cds.crd.prefetch.DataSource); made before gunicorn
     # forks, so each worker has its own count
     ehr_slots: threading.BoundedSemaphore = field(init=False)
 

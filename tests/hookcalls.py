@@ -8,7 +8,7 @@ from builders import COVERAGE_INFO, coverage_info
 from conftest import BASE, post_hook
 from flask.testing import FlaskClient
 
-from cds.coverage_info import problems
+from cds.crd.coverage_info import problems
 
 
 def check_response_shape(body: dict[str, Any], hook: str = "order-sign") -> None:

@@ -176,7 +176,7 @@ def test_unknown_fields_are_ignored(client: FlaskClient) -> None:
 
 def test_an_unexpected_failure_is_a_500_operation_outcome_without_details(make_app: Any, monkeypatch: Any) -> None:
     app = make_app()
-    import cds.hooks.orders as orders
+    import cds.crd.hooks.orders as orders
 
     def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("secret patient detail")

@@ -15,8 +15,8 @@ from fake_ehr import FakeEHR
 from flask.testing import FlaskClient
 from hookcalls import check_response_shape
 
-from cds import hookrequest
-from cds.coverage_info import problems
+from cds.crd import hookrequest
+from cds.crd.coverage_info import problems
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "examples" / "crd"
 INFERNO_SELECT = EXAMPLES / (

@@ -126,7 +126,7 @@ def test_a_valid_hook_request_still_parses_the_same() -> None:
 
 # 2. Log lines -----------------------------------------------------------------------------------------------------
 
-FORGED = "x\n2026-11-23 15:00:00,000 INFO cds.hooks hook service=order-sign status=200 ms=1 hookInstance=y orders=9"
+FORGED = "x\n2026-11-23 15:00:00,000 INFO cds.crd.hooks hook service=order-sign status=200 ms=1 hookInstance=y orders=9"
 
 
 @pytest.mark.parametrize("instance", [FORGED, "z" * 1_000_000], ids=["newline", "1MB"])
@@ -135,11 +135,11 @@ def test_a_hook_instance_that_is_no_uuid_is_400_and_logged_on_one_bounded_line(
 ) -> None:
     body = hook_request([med_order()])
     body["hookInstance"] = instance
-    with caplog.at_level(logging.INFO, logger="cds.hooks"):
+    with caplog.at_level(logging.INFO, logger="cds.crd.hooks"):
         resp = post_hook(client, body)
     assert resp.status_code == 400
     assert resp.get_json()["issue"][0]["expression"] == ["hookInstance"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "cds.hooks"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cds.crd.hooks"]
     assert len(lines) == 1
     assert "\n" not in lines[0] and "\r" not in lines[0]
     assert len(lines[0]) < 250 and "2026-11-23 15:00:00" not in lines[0]
@@ -148,9 +148,9 @@ def test_a_hook_instance_that_is_no_uuid_is_400_and_logged_on_one_bounded_line(
 def test_a_long_printable_hook_instance_is_logged_capped(client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
     body = hook_request([med_order()])
     body["hookInstance"] = "h" * 128  # the longest accepted
-    with caplog.at_level(logging.INFO, logger="cds.hooks"):
+    with caplog.at_level(logging.INFO, logger="cds.crd.hooks"):
         assert post_hook(client, body).status_code == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == "cds.hooks"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cds.crd.hooks"]
     assert len(lines) == 1 and "more chars]" in lines[0] and len(lines[0]) < 250
 
 

@@ -2501,7 +2501,7 @@ def test_150_re_signing_only_unchanged_orders_answers_an_empty_system_actions_ar
       the conformance test the service is judged by win over that generic rule, on order-sign only (order-select
       keeps omitting). The same applies to every order-sign call with no action due (#80: coverage-info false, no
       MedicationRequest in scope).
-    - cds/hooks/orders.py answer() sets `body["systemActions"] = actions` when `actions or primary`."""
+    - cds/crd/hooks/orders.py answer() sets `body["systemActions"] = actions` when `actions or primary`."""
     x = corpus["re-sign-unchanged"]
     assert x.body["cards"], "the explanation is still given"
     assert x.body.get("systemActions") == []

@@ -315,7 +315,7 @@ def test_the_form_completion_card_does_not_create_a_questionnaire_the_ehr_holds(
 
 
 def test_a_long_summary_is_cut_under_140_characters() -> None:
-    from cds.cards import summary
+    from cds.crd.cards import summary
 
     text = "NovoSeven RT: " + "a very long descriptive drug name " * 8
     assert len(summary(text)) == 138 and summary(text).endswith("…")

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cds.crd.hookrequest import HookRequest, validate_resource
 from cds.errors import DataUnavailable, InvalidRequest, InvalidResource
 from cds.fhirclient import FhirClient, FhirReadError, bundle_resources
-from cds.hookrequest import HookRequest, validate_resource
 from cds.upstream import allowed
 from fhir_mappings import systems
 from fhir_mappings.loader import Mappings

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cds import constants
-from cds.crd import Assessed, Assessment
-from cds.hookrequest import HookRequest
+from cds.crd.assess import Assessed, Assessment
+from cds.crd.hookrequest import HookRequest
 from cds.runtime import Runtime
 from policies import explain
 from policies.dose import without_coverage_info
@@ -431,7 +431,7 @@ def build(
 
 def system_actions(assessment: Assessment, configuration: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One ``update`` per assessed order carrying its coverage-information, and nothing else changed."""
-    from cds.coverage_info import with_coverage_info
+    from cds.crd.coverage_info import with_coverage_info
 
     if configuration.get(constants.OPTION_COVERAGE_INFO) is False:
         return []

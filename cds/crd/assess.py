@@ -2,7 +2,7 @@
 
 For each in-scope MedicationRequest: identify the drug, find the payer's policy for it, gather the record, evaluate,
 and state the result as a coverage-information extension (with the Questionnaire for what is missing, or the prior
-authorization it satisfies). Cards are rendered from the result elsewhere (:mod:`cds.cards`).
+authorization it satisfies). Cards are rendered from the result elsewhere (:mod:`cds.crd.cards`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from datetime import date, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
-from cds import coverage_info, questionnaires
 from cds.constants import OPTION_FORM_COMPLETION, OPTION_UNSOLICITED
-from cds.coverage_info import CoverageInfo, Reason
+from cds.crd import coverage_info
+from cds.crd.coverage_info import CoverageInfo, Reason
+from cds.crd.hookrequest import HookRequest
+from cds.crd.prefetch import SOURCE_ORDER, SOURCES, Fetched, check_resource, open_source, sources_of
+from cds.dtr import forms
 from cds.errors import DataUnavailable
-from cds.hookrequest import HookRequest
 from cds.payers import CoverageChoice, choose_coverage
-from cds.prefetch import SOURCE_ORDER, SOURCES, Fetched, check_resource, open_source, sources_of
 from cds.runtime import Runtime
 from cds.store import AssertionRecord, PriorAuth
 from fhir_mappings import systems
@@ -163,7 +164,7 @@ class _Context:
         return self.request.configuration.get(code, default)
 
     def data(self, names: frozenset[str]) -> dict[str, Fetched]:
-        """The named sources (cds.prefetch.SOURCES), each fetched once for all orders of the call. A source that
+        """The named sources (cds.crd.prefetch.SOURCES), each fetched once for all orders of the call. A source that
         was neither prefetched nor can be queried is a 412; one whose query failed is left out (the answer degrades)."""
         wanted = [n for n in SOURCE_ORDER if n in names and n not in self._data]
         self.source.fetch(k for n in wanted for k in SOURCES[n])  # the missing keys are queried in parallel
@@ -370,7 +371,7 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
             info_needed=("OTH",),
             billing_codes=billing,
             reasons=(Reason(why),),
-            questionnaires=(questionnaires.canonical(questionnaire),),
+            questionnaires=(forms.canonical(questionnaire),),
         )
         return job.result(info, det, questions=questions, questionnaire=questionnaire)
     if not ctx.primary:
@@ -388,7 +389,7 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
             questions=questions,
         )
     questionnaire = _publish(rt, det, questions)
-    draft = questionnaires.draft_response(
+    draft = forms.draft_response(
         questionnaire,
         questions,
         patient=f"Patient/{ctx.request.context.get('patientId')}",
@@ -421,7 +422,7 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
         doc_purpose="withpa",
         billing_codes=billing,
         reasons=(Reason(why), *technical),
-        questionnaires=(questionnaires.canonical(questionnaire),),
+        questionnaires=(forms.canonical(questionnaire),),
     )
     return job.result(
         info,
@@ -445,7 +446,7 @@ def _client_has(ctx: _Context, questionnaire: Mapping[str, Any]) -> bool:
 
 def _publish(rt: Runtime, det: Determination, questions: tuple[Question, ...]) -> dict[str, Any]:
     """The Questionnaire for the open questions, stored so that its canonical resolves."""
-    questionnaire = questionnaires.build(det.policy, det.product, questions, rt.base_url)
+    questionnaire = forms.build(det.policy, det.product, questions, rt.base_url)
     rt.store.save_questionnaire(questionnaire["id"], det.policy.ref, questionnaire)
     return questionnaire
 

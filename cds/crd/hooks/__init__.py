@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cds.hooks import order_select, order_sign
-from cds.registry import ServiceDefinition
+from cds.crd.hooks import order_select, order_sign
+from cds.crd.registry import ServiceDefinition
 
 
 def services(prefetch: Mapping[str, str]) -> tuple[ServiceDefinition, ...]:

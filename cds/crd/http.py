@@ -13,14 +13,14 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from cds import hookrequest
+from cds.crd import hookrequest
+from cds.crd.hookrequest import load_json
+from cds.crd.registry import ServiceDefinition
 from cds.errors import CdsError, InvalidRequest, NotFound, TooLong, UnsupportedMedia, to_operation_outcome
-from cds.hookrequest import load_json
 from cds.logsafe import clean
-from cds.registry import ServiceDefinition
 from cds.runtime import Runtime
 
-log = logging.getLogger("cds.hooks")
+log = logging.getLogger("cds.crd.hooks")
 bp = Blueprint("cds_hooks", __name__)
 
 # Card feedback limits. An EHR sends one item per card a user acted on, so 100 per call is far above real use;

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from cds import constants
 
 if TYPE_CHECKING:
-    from cds.crd import Assessment
-    from cds.hookrequest import HookRequest
+    from cds.crd.assess import Assessment
+    from cds.crd.hookrequest import HookRequest
     from cds.runtime import Runtime
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cds import cards
-from cds.crd import assess
-from cds.hookrequest import HookRequest
-from cds.registry import HookOutcome
+from cds.crd import cards
+from cds.crd.assess import assess
+from cds.crd.hookrequest import HookRequest
+from cds.crd.registry import HookOutcome
 from cds.runtime import Runtime
 
 

@@ -7,11 +7,11 @@ import json
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
-from cds import hooks
 from cds.app import build_runtime
 from cds.config import load_config
+from cds.crd import hooks
+from cds.crd.hookrequest import load_json
 from cds.errors import CdsError, NotFound, to_operation_outcome
-from cds.hookrequest import load_json
 from policies import explain
 from policies.questions import open_questions
 
@@ -30,7 +30,7 @@ def evaluate_file(path: Path, *, as_json: bool = False, today: str | None = None
     service = services.get(str(hook))
     if service is None:
         raise NotFound(f"no service here answers the hook {hook!r} (known: {', '.join(sorted(services))})")
-    from cds import hookrequest
+    from cds.crd import hookrequest
 
     lines: list[str] = []
     try:

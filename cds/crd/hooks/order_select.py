@@ -3,10 +3,10 @@ clinical documentation (CRD §hook-19) and never issues an authorization: that w
 
 from __future__ import annotations
 
+from cds.crd.hookrequest import HookRequest, order_bundle, require_id, require_reference
+from cds.crd.hooks.orders import answer
+from cds.crd.registry import HookOutcome, ServiceDefinition
 from cds.errors import InvalidRequest
-from cds.hookrequest import HookRequest, order_bundle, require_id, require_reference
-from cds.hooks.orders import answer
-from cds.registry import HookOutcome, ServiceDefinition
 from cds.runtime import Runtime
 
 

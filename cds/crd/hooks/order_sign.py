@@ -3,9 +3,9 @@ what is missing or the prior authorization the record already satisfies."""
 
 from __future__ import annotations
 
-from cds.hookrequest import HookRequest, order_bundle, require_id, require_reference
-from cds.hooks.orders import answer
-from cds.registry import HookOutcome, ServiceDefinition
+from cds.crd.hookrequest import HookRequest, order_bundle, require_id, require_reference
+from cds.crd.hooks.orders import answer
+from cds.crd.registry import HookOutcome, ServiceDefinition
 from cds.runtime import Runtime
 
 
