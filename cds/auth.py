@@ -4,6 +4,8 @@ The token must come from an allow-listed ``iss``, be signed ES384 or RS384 by a 
 in the configuration, or fetched from its ``jwks_url`` and cached; a ``jku`` header must name that same URL), be
 addressed to the exact URL invoked (``aud``), be current (``exp``, ``iat``), and carry a ``jti`` not seen before.
 Any failure is a bare 401: the reason is kept on the exception for tests and never sent or logged with the token.
+The same checks (issuer, key set, algorithm and key fit, signature, ``aud``, ``jti`` replay through the store) verify
+the SMART Backend Services client assertion at the token endpoint (:meth:`Verifier.verify_assertion`, cds.smart).
 
 A JWK Set is fetched within a hard deadline and size cap (:mod:`cds.upstream`), one fetch per issuer at a time and
 never under a lock other issuers wait on: while a set is being refreshed, callers use the one they have.
@@ -32,6 +34,7 @@ ALGORITHMS: Mapping[str, tuple[str, str | None]] = {"ES384": ("EC", "P-384"), "R
 JWKS_SECONDS = 2.0  # the whole fetch of a JWK Set, connect to last byte
 JWKS_MAX_BYTES = 256_000
 MAX_TOKEN_CHARS = 8_000  # a CDS Hooks JWT is a few hundred characters
+ASSERTION_MAX_SECONDS = 300  # SMART Backend Services: a client assertion's exp is at most five minutes ahead
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class TrustedClient:
     jwks_url: str | None = None
     tenant: str | None = None
     fhir_servers: tuple[str, ...] = field(default=())  # FHIR base URLs it may name in fhirServer
+    scopes: tuple[str, ...] | None = None  # SMART scopes it may be granted at /auth/token; None: all offered
 
 
 def fetch_jwks(url: str) -> Mapping[str, Any]:
@@ -148,10 +152,36 @@ class Verifier:
             entry.fetching.release()
 
     def verify(self, authorization: str | None, audience: str) -> dict[str, Any]:
-        """The verified claims, or :class:`Unauthorized`."""
+        """The verified claims of a CDS Hooks JWT, or :class:`Unauthorized`."""
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("no bearer token")
-        token = authorization[7:].strip()
+        client, claims = self._signed(authorization[7:].strip(), audience, ("iss", "aud", "exp", "iat", "jti"))
+        now = self.clock()
+        iat = claims["iat"]
+        if not isinstance(iat, int | float) or iat > now.timestamp() + self.leeway:
+            raise Unauthorized("issued in the future")
+        if now.timestamp() - iat > self.max_age:
+            raise Unauthorized("too old")
+        if client.tenant is not None and claims.get("tenant") != client.tenant:
+            raise Unauthorized("tenant not allowed")
+        self._remember(client, claims)
+        return claims
+
+    def verify_assertion(self, assertion: str, audience: str) -> TrustedClient:
+        """The client a SMART Backend Services client assertion authenticates (``iss`` = ``sub`` = client id,
+        ``aud`` = the token endpoint, ``exp`` at most five minutes ahead, a new ``jti``), or :class:`Unauthorized`."""
+        client, claims = self._signed(assertion, audience, ("iss", "sub", "aud", "exp", "jti"))
+        if claims["sub"] != client.iss:
+            raise Unauthorized("sub is not the client id")
+        exp = claims["exp"]
+        if not isinstance(exp, int | float) or exp > self.clock().timestamp() + ASSERTION_MAX_SECONDS + self.leeway:
+            raise Unauthorized("exp more than five minutes ahead")
+        self._remember(client, claims)
+        return client
+
+    def _signed(self, token: str, audience: str, required: tuple[str, ...]) -> tuple[TrustedClient, dict[str, Any]]:
+        """The client that signed ``token`` and its claims: trusted ``iss``, ``typ`` JWT, a ``kid`` of the client's
+        JWK Set whose key fits ``alg``, a valid signature, ``aud`` = ``audience``, current ``exp``, ``required``."""
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthorized("token too long")
         try:
@@ -184,7 +214,6 @@ class Verifier:
             raise Unauthorized("unknown kid")
         if not key.fits(alg):
             raise Unauthorized(f"key {kid!r} is not a key for {alg}")
-        now = self.clock()
         try:
             claims = jwt.decode(
                 token,
@@ -193,7 +222,7 @@ class Verifier:
                 audience=audience,
                 issuer=client.iss,
                 leeway=self.leeway,
-                options={"require": ["iss", "aud", "exp", "iat", "jti"]},
+                options={"require": list(required)},
             )
         except (
             jwt.PyJWTError,
@@ -201,20 +230,16 @@ class Verifier:
             ValueError,
         ) as exc:  # defence in depth (key.fits checks first)
             raise Unauthorized(f"rejected: {exc.__class__.__name__}") from None
-        iat = claims["iat"]
-        if not isinstance(iat, int | float) or iat > now.timestamp() + self.leeway:
-            raise Unauthorized("issued in the future")
-        if now.timestamp() - iat > self.max_age:
-            raise Unauthorized("too old")
-        if client.tenant is not None and claims.get("tenant") != client.tenant:
-            raise Unauthorized("tenant not allowed")
+        return client, claims
+
+    def _remember(self, client: TrustedClient, claims: Mapping[str, Any]) -> None:
+        """Record the token's ``jti`` until its ``exp`` (plus leeway) in the store all workers share; a replay fails."""
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti:
             raise Unauthorized("jti missing")
         expires = datetime.fromtimestamp(float(claims["exp"]), UTC) + timedelta(seconds=self.leeway)
         if not self.store.remember_token(client.iss, jti, expires):
             raise Unauthorized("jti replayed")
-        return claims
 
 
 def _parse_jwks(raw: Mapping[str, Any]) -> dict[str, _Key]:
@@ -245,6 +270,12 @@ def client_from_config(raw: Mapping[str, Any]) -> TrustedClient:
     if servers is None:
         own = origin_of(iss)
         servers = [own] if own else []
+    scopes = raw.get("scopes")
     return TrustedClient(
-        iss=iss, jwks=jwks, jwks_url=raw.get("jwks_url"), tenant=raw.get("tenant"), fhir_servers=tuple(servers)
+        iss=iss,
+        jwks=jwks,
+        jwks_url=raw.get("jwks_url"),
+        tenant=raw.get("tenant"),
+        fhir_servers=tuple(servers),
+        scopes=None if scopes is None else tuple(scopes),
     )
