@@ -16,13 +16,15 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
-from cds import fhir_api, pages
+from cds import fhir_api, pages, smart
 from cds.auth import Verifier, client_from_config, fetch_jwks
 from cds.config import Config, load_config
 from cds.crd import hooks
 from cds.crd import http as routes
 from cds.crd.prefetch import order_prefetch
 from cds.demo import demo_client
+from cds.dtr import http as dtr_http
+from cds.dtr import page as dtr_page
 from cds.errors import CdsError, ConfigError, status_error, to_operation_outcome
 from cds.payers import PayerRegistry
 from cds.runtime import Runtime, random_id, random_pa_id, utc_now
@@ -101,6 +103,9 @@ def create_app(
     app.register_blueprint(routes.bp)
     app.register_blueprint(fhir_api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(smart.bp)
+    app.register_blueprint(dtr_http.bp)
+    app.register_blueprint(dtr_page.bp)
     _register_errors(app)
     return app
 

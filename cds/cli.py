@@ -47,7 +47,13 @@ def cmd_token(args: argparse.Namespace) -> int:
     from cds.demo import mint
 
     cfg = _config({})
-    base = cfg.base_url
+    base = (args.base_url or cfg.base_url).rstrip("/")
+    if args.access:
+        from cds.demo import access_token
+        from cds.smart import SCOPES, TOKEN_PATH
+
+        print(access_token(Path(cfg["data_dir"]), f"{base}{TOKEN_PATH}", args.scope or " ".join(SCOPES)))
+        return 0
     audience = args.aud or (f"{base}/cds-services/{args.service}" if args.service else f"{base}/cds-services")
     print(mint(Path(cfg["data_dir"]), audience, args.lifetime))
     return 0
@@ -80,6 +86,33 @@ def cmd_policy_lock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cql(args: argparse.Namespace) -> int:
+    """`cds cql build` regenerates the policies' CQL and translates it to ELM; `cds cql check` reports stale files."""
+    from cds.dtr import library
+    from fhir_mappings.loader import load_mappings
+    from policies.loader import load_policies
+
+    mappings = load_mappings()
+    policies = list(load_policies(mappings).policies.values())
+    try:
+        if args.cql_command == "build":
+            for path in library.build(policies, mappings):
+                print(f"wrote {path}")
+            print("cql: libraries are up to date")
+            return 0
+        problems = library.stale(policies, mappings)
+    except library.TranslationError as exc:
+        print(f"cds: {exc}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} stale artifact(s)", file=sys.stderr)
+        return 1
+    print("cql: generated CQL and ELM match the policies and mappings")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cds.crd.evaluate import evaluate_file
 
@@ -95,10 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int)
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("token", help="mint a CDS Hooks JWT from the demo client")
+    p = sub.add_parser("token", help="mint a CDS Hooks JWT (or get a SMART access token) from the demo client")
     p.add_argument("service", nargs="?", help="service id (audience {base_url}/cds-services/{service})")
     p.add_argument("--aud", help="explicit audience URL")
     p.add_argument("--lifetime", type=int, default=300, help="seconds until exp (default 300)")
+    p.add_argument("--base-url", help="the service's base URL (default: the configuration's base_url)")
+    p.add_argument(
+        "--access", action="store_true", help="get a SMART access token from {base_url}/auth/token of the service"
+    )
+    p.add_argument("--scope", help="with --access: space-separated scopes (default: every scope offered)")
     p.set_defaults(func=cmd_token)
     p = sub.add_parser("policy", help="policy author tools")
     psub = p.add_subparsers(dest="policy_command", required=True)
@@ -107,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_policy_check)
     c = psub.add_parser("lock", help="record each policy's version and content hash in versions.lock")
     c.set_defaults(func=cmd_policy_lock)
+    p = sub.add_parser("cql", help="the policies' generated CQL prepopulation libraries and their ELM")
+    csub = p.add_subparsers(dest="cql_command", required=True)
+    csub.add_parser("build", help="regenerate the CQL and translate it to ELM (needs scripts/node)").set_defaults(
+        func=cmd_cql
+    )
+    csub.add_parser("check", help="report CQL or ELM that no longer matches the data (exit 1)").set_defaults(
+        func=cmd_cql
+    )
     p = sub.add_parser("evaluate", help="print the determination for an offline hook request")
     p.add_argument("request", help="a CDS Hooks request JSON file with full prefetch")
     p.add_argument("--json", action="store_true", help="print the hook response as JSON too")

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cds.constants import LOOPBACK_FHIR_SERVERS
+from cds.constants import DTR_VERSIONS, LOOPBACK_FHIR_SERVERS
 from cds.errors import ConfigError
+from cds.scopes import parse as parse_scope
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "demo_client", True, "Trust a locally generated demo key (`cds token` mints tokens). Turn off in production."
     ),
-    Setting("clients", [], "Trusted CDS clients: list of tables with `iss` and `jwks_url` or inline `jwks`."),
+    Setting(
+        "clients",
+        [],
+        "Trusted CDS clients: list of tables with `iss` and `jwks_url` or inline `jwks`; optional `scopes`, the SMART "
+        "scopes the client may be granted at `/auth/token` (default: every scope offered).",
+    ),
     Setting("jwt_max_age", 3600, "Seconds a token's `iat` may lie in the past (a `jti` is remembered until `exp`)."),
     Setting("jwt_leeway", 60, "Clock skew tolerated on `exp` and `iat`, in seconds."),
     Setting("jwks_cache_seconds", 300, "How long a JWK Set fetched from `jwks_url` is cached."),
+    Setting(
+        "token_secret",
+        "",
+        "Secret (at least 32 characters) that signs SMART access tokens and form links (HMAC-SHA256); empty means a "
+        "random one created once in `{data_dir}/token-secret` (mode 0600), shared by every worker.",
+    ),
+    Setting("access_token_seconds", 300, "Lifetime of a SMART access token issued by `POST /auth/token`."),
+    Setting("form_link_seconds", 3600, "Lifetime of the link to a coverage assertion's form page (`/dtr/{id}?t=...`)."),
     Setting("fhir_connect_timeout", 0.5, "Seconds to connect to the EHR FHIR server when prefetch is missing."),
     Setting("fhir_read_timeout", 1.5, "Seconds to wait for an EHR FHIR server response."),
     Setting(
@@ -99,6 +113,19 @@ SETTINGS: tuple[Setting, ...] = (
         "Payer registry: `id`, `name`, `identifier_system`, `identifier_value`, `policies`.",
     ),
     Setting("policy_dir", "", "Directory of policy folders; empty means the policies shipped in `policies/`."),
+    Setting(
+        "dtr_version",
+        "2.2.0",
+        "DTR shape of `$questionnaire-package` output and prefilled answers: `2.2.0` (`packagebundle`, "
+        "`qr-coverage`, `auto-server`), or `2.0.1` (`PackageBundle`, `qr-context`, `auto`: what Inferno's DTR payer "
+        "suite validates).",
+    ),
+    Setting(
+        "dtr_adaptive",
+        False,
+        "`$questionnaire-package` returns adaptive forms (an empty `dtr-questionnaire-adapt-search` Questionnaire, "
+        "answered through `Questionnaire/$next-question`) instead of the standard ones.",
+    ),
     Setting("bench_echo", False, "Expose `POST /_echo`, a trivial JSON echo route the benchmark compares against."),
     Setting("log_level", "INFO", "Python logging level. Logs never carry patient data or tokens."),
 )
@@ -188,6 +215,8 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
     _check_clients(values["clients"])
     _check_servers("fhir_servers", values["fhir_servers"])
     _check_payers(values["payers"])
+    if values["dtr_version"] not in DTR_VERSIONS:
+        raise ConfigError(f"dtr_version is one of {', '.join(DTR_VERSIONS)}, not {values['dtr_version']!r}")
     return Config(values)
 
 
@@ -207,6 +236,13 @@ def _check_clients(clients: list[Any]) -> None:
             raise ConfigError(f"{where}: client '{client['iss']}' needs 'jwks_url' or 'jwks'")
         if "fhir_servers" in client:
             _check_servers(f"{where}.fhir_servers", client["fhir_servers"])
+        scopes = client.get("scopes")
+        if scopes is not None and not (isinstance(scopes, list) and all(_is_scope(x) for x in scopes)):
+            raise ConfigError(f"{where}.scopes: must be a list of SMART system scopes, e.g. 'system/Questionnaire.rs'")
+
+
+def _is_scope(value: Any) -> bool:
+    return isinstance(value, str) and parse_scope(value) is not None
 
 
 def _check_payers(payers: list[Any]) -> None:

@@ -30,3 +30,23 @@ OPTION_MAX_CARDS = "max-cards"
 
 # FHIR servers on this machine, any port (the quick start's EHR; the default for unauthenticated calls)
 LOOPBACK_FHIR_SERVERS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
+
+# DTR and SDC (Questionnaires, responses, packages)
+DTR_ADAPT_SEARCH_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/dtr-questionnaire-adapt-search"
+DTR_ADAPT_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/dtr-questionnaire-adapt"
+DTR_QR_ADAPT_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/dtr-questionnaireresponse-adapt"
+DTR_PACKAGE_BUNDLE_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/DTR-QPackageBundle"
+DTR_PACKAGE_OUTPUT_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/dtr-qpackage-output-parameters"
+DTR_VERSIONS = ("2.2.0", "2.0.1")  # the package and response shapes this service can speak (setting dtr_version)
+CQF_LIBRARY = "http://hl7.org/fhir/StructureDefinition/cqf-library"
+SDC_LAUNCH_CONTEXT = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-launchContext"
+SDC_LAUNCH_CONTEXT_SYSTEM = "http://hl7.org/fhir/uv/sdc/CodeSystem/launchContext"
+SDC_INITIAL_EXPRESSION = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-initialExpression"
+SDC_ADAPTIVE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-questionnaireAdaptive"
+SIGNATURE_REQUIRED = "http://hl7.org/fhir/StructureDefinition/questionnaire-signatureRequired"
+SIGNATURE_TYPE_SYSTEM = "urn:iso-astm:E1762-95:2013"
+UCUM = "http://unitsofmeasure.org"
+ASSERTION_ID_PATH = "/fhir/coverage-assertion-id"  # under base_url: the identifier system of our responses
+ATTESTATION_LINK = "attestation"  # the linkId of every form's signed attestation
+# the codes of qualitative results (positive / negative) a choice item answers and the CQL gives back
+RESULT_SYSTEM = "http://cds-payer.org/fhir/CodeSystem/qualitative-result"

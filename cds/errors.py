@@ -16,12 +16,16 @@ Hierarchy::
     │   ├── UnsupportedVersion  422 not-supported  davinci-crd.requestedVersion we do not implement
     │   ├── UnsupportedMedia    415 not-supported  body is not application/json
     │   ├── NotFound            404 not-found      unknown service, resource or route
-    │   └── MethodNotAllowed    405 not-supported
-    ├── Unauthorized            401 login          JWT missing or rejected; no detail is ever given
+    │   ├── MethodNotAllowed    405 not-supported
+    │   ├── Forbidden           403 forbidden      an access token without the scope needed; an expired form link
+    │   └── OAuthError          400/401            a SMART token request refused (RFC 6749 §5.2 error code)
+    ├── Unauthorized            401 login          JWT or access token missing or rejected; no detail is ever given
     └── DataUnavailable         412 processing     prefetch missing and the FHIR server cannot be queried
 
 Both the CDS Hooks endpoints and the FHIR endpoints answer errors with a FHIR ``OperationOutcome`` (CDS Hooks 3.0
-"Returning OperationOutcome"); :func:`to_operation_outcome` is the only renderer.
+"Returning OperationOutcome"); :func:`to_operation_outcome` is the only renderer. The one exception is the OAuth token
+endpoint (``POST /auth/token``), whose errors RFC 6749 §5.2 shapes: :func:`to_oauth_error` renders an
+:class:`OAuthError` there.
 """
 
 from __future__ import annotations
@@ -109,9 +113,40 @@ class NotFound(ClientError):
     issue_code = "not-found"
 
 
+class Conflict(ClientError):
+    """The request is sound, but the resource it acts on has moved on (settled already, superseded)."""
+
+    http_status = 409
+    issue_code = "conflict"
+
+
+class BusinessRule(ClientError):
+    """The request is well formed but breaks a rule of the operation (another patient's answers, another Coverage)."""
+
+    http_status = 422
+    issue_code = "business-rule"
+
+
 class MethodNotAllowed(ClientError):
     http_status = 405
     issue_code = "not-supported"
+
+
+class Forbidden(ClientError):
+    http_status = 403
+    issue_code = "forbidden"
+
+
+class OAuthError(ClientError):
+    """A token request refused: ``error`` is the RFC 6749 §5.2 code (``invalid_request``, ``invalid_client``,
+    ``invalid_grant``, ``invalid_scope``, ``unsupported_grant_type``); the message is the ``error_description`` and
+    never quotes the client assertion. ``reason`` (tests, logs through logsafe) is never sent."""
+
+    def __init__(self, error: str, description: str, *, status: int = 400, reason: str = "") -> None:
+        super().__init__(description)
+        self.error = error
+        self.http_status = status
+        self.reason = reason
 
 
 class Unauthorized(CdsError):
@@ -148,3 +183,8 @@ def to_operation_outcome(error: CdsError) -> dict[str, Any]:
     if error.expression:
         issue["expression"] = [error.expression]
     return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def to_oauth_error(error: OAuthError) -> dict[str, str]:
+    """Render an :class:`OAuthError` as the token endpoint's error body (RFC 6749 §5.2)."""
+    return {"error": error.error, "error_description": error.message}

@@ -25,6 +25,16 @@ def fhir_response(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), status=status, mimetype=FHIR_JSON)
 
 
+DTR_IG = "http://hl7.org/fhir/us/davinci-dtr/ImplementationGuide/hl7.fhir.us.davinci-dtr"
+DTR_PAYER_CAPABILITY = "http://hl7.org/fhir/us/davinci-dtr/CapabilityStatement/dtr-payer-service"
+DTR_OPERATIONS = "http://hl7.org/fhir/us/davinci-dtr/OperationDefinition/"
+SDC_NEXT_QUESTION = "http://hl7.org/fhir/uv/sdc/OperationDefinition/Questionnaire-next-question"
+
+
+def _operation(name: str, definition: str) -> dict[str, str]:
+    return {"name": name, "definition": definition}
+
+
 @bp.get("/metadata")
 def metadata() -> Response:
     rt = _rt()
@@ -37,15 +47,45 @@ def metadata() -> Response:
             "fhirVersion": "4.0.1",
             "format": ["json"],
             "implementation": {
-                "description": "Payer prior-authorization service (Da Vinci CRD)",
+                "description": "Payer prior-authorization service (Da Vinci CRD, DTR payer service)",
                 "url": f"{rt.base_url}/fhir",
             },
+            "implementationGuide": [DTR_IG],
+            "instantiates": [DTR_PAYER_CAPABILITY],
             "rest": [
                 {
                     "mode": "server",
+                    "security": {
+                        "service": [
+                            {
+                                "coding": [
+                                    {
+                                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                        "code": "SMART-on-FHIR",
+                                    }
+                                ]
+                            }
+                        ],
+                        "description": "SMART Backend Services: client_credentials with a signed JWT assertion at "
+                        f"{rt.base_url}/auth/token (see {rt.base_url}/.well-known/smart-configuration)",
+                    },
                     "resource": [
-                        {"type": "Questionnaire", "interaction": [{"code": "read"}]},
-                        {"type": "QuestionnaireResponse", "interaction": [{"code": "read"}]},
+                        {
+                            "type": "Questionnaire",
+                            "interaction": [{"code": "read"}],
+                            "operation": [
+                                _operation("questionnaire-package", DTR_OPERATIONS + "questionnaire-package"),
+                                _operation("next-question", SDC_NEXT_QUESTION),
+                                _operation("log-questionnaire-errors", DTR_OPERATIONS + "log-questionnaire-errors"),
+                            ],
+                        },
+                        {"type": "QuestionnaireResponse", "interaction": [{"code": "read"}, {"code": "create"}]},
+                        {
+                            "type": "ValueSet",
+                            "operation": [
+                                _operation("expand", "http://hl7.org/fhir/OperationDefinition/ValueSet-expand")
+                            ],
+                        },
                         {"type": "CodeSystem", "interaction": [{"code": "read"}]},
                     ],
                 }

@@ -95,7 +95,7 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _payor_identifiers(coverage: Mapping[str, Any], source: DataSource) -> list[Mapping[str, Any]]:
+def payor_identifiers(coverage: Mapping[str, Any], source: DataSource) -> list[Mapping[str, Any]]:
     """Identifiers of the Coverage's payors: given on the reference, else read from the Organization it points to."""
     payors = [p for p in coverage.get("payor") or () if isinstance(p, Mapping)]
     direct = [p["identifier"] for p in payors if isinstance(p.get("identifier"), Mapping)]
@@ -143,7 +143,7 @@ def choose_coverage(source: DataSource, registry: PayerRegistry) -> CoverageChoi
         )
     coverage = coverages[0]
     check_resource(coverage, "prefetch.coverage", got)
-    identifiers = _payor_identifiers(coverage, source)
+    identifiers = payor_identifiers(coverage, source)
     if not identifiers:
         raise CoverageProblem(
             "The Coverage has no payer identifier (Coverage.payor must identify the payer)", expression="Coverage.payor"

@@ -124,6 +124,38 @@ questionnaires = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# the record an assertion was made on (cds.records): patient data, read again only when answers settle it
+assertion_records = Table(
+    "assertion_records",
+    metadata,
+    Column("assertion_id", String(64), primary_key=True),
+    Column("record", Text, nullable=False),
+)
+
+# answered DTR forms: each QuestionnaireResponse that settled an assertion, with what it settled it to
+responses = Table(
+    "questionnaire_responses",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("assertion_id", String(64), nullable=False, index=True),
+    Column("questionnaire", String(512), nullable=False),
+    Column("via", String(32), nullable=False),  # form (the page), fhir (POST QuestionnaireResponse), adaptive
+    Column("decision", String(32), nullable=False),
+    Column("resource", Text, nullable=False),  # the response as stored, with its coverage-information
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+# what DTR clients could not do with our forms ($log-questionnaire-errors; no patient data by DTR §oper-2)
+form_errors = Table(
+    "form_errors",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("client_iss", String(512)),
+    Column("questionnaires", Text, nullable=False),  # JSON list of canonicals
+    Column("outcomes", Text, nullable=False),  # JSON list of OperationOutcomes
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
 seen_tokens = Table(
     "seen_jwt_ids",
     metadata,
@@ -161,6 +193,7 @@ class AssertionRecord:
     extension: Mapping[str, Any]
     trace: Any
     draft_response: Mapping[str, Any] | None = None
+    record: Mapping[str, Any] | None = None  # the record it was made on (cds.records.snapshot), to settle it later
 
 
 @dataclass(frozen=True)
@@ -412,6 +445,12 @@ class Store:
                         for r in records
                     ],
                 )
+            kept_records = [r for r in records if r.record is not None]
+            if kept_records:
+                conn.execute(
+                    insert(assertion_records),
+                    [{"assertion_id": r.assertion_id, "record": json.dumps(r.record)} for r in kept_records],
+                )
             for pa in prior:
                 conn.execute(insert(prior_auths).values(**_prior_auth_row(pa, received_at)))
 
@@ -448,6 +487,72 @@ class Store:
             trace=json.loads(row["trace"]),
             draft_response=json.loads(row["draft_response"]) if row["draft_response"] else None,
         )
+
+    def assertion_record(self, assertion_id: str) -> dict[str, Any] | None:
+        """The record snapshot an assertion was made on (None when it was kept without one)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(assertion_records.c.record).where(assertion_records.c.assertion_id == assertion_id)
+            ).first()
+        return json.loads(row[0]) if row else None
+
+    def settle_assertion(
+        self,
+        assertion_id: str,
+        *,
+        was: str,
+        response: Mapping[str, Any],
+        questionnaire: str,
+        via: str,
+        decision: str,
+        covered: str,
+        pa_needed: str | None,
+        satisfied_pa_id: str | None,
+        still_asked: str | None,
+        extension: Mapping[str, Any],
+        trace: Any,
+        received_at: datetime,
+    ) -> bool:
+        """Store an answered form and what it settled the assertion to, in one transaction: the response, and the
+        assertion's new determination under the same id. ``was`` is the questionnaire canonical the assertion named
+        when the answers were read; False (nothing stored) when another response settled it since."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(assertions)
+                .where(and_(assertions.c.assertion_id == assertion_id, assertions.c.questionnaire == was))
+                .values(
+                    decision=decision,
+                    covered=covered,
+                    pa_needed=pa_needed,
+                    satisfied_pa_id=satisfied_pa_id,
+                    questionnaire=still_asked,
+                    extension=json.dumps(extension),
+                    trace=json.dumps(trace),
+                )
+            ).rowcount
+            if changed != 1:
+                return False
+            conn.execute(
+                insert(responses).values(
+                    assertion_id=assertion_id,
+                    questionnaire=questionnaire,
+                    via=via,
+                    decision=decision,
+                    resource=json.dumps(response),
+                    received_at=received_at,
+                )
+            )
+        return True
+
+    def responses_for(self, assertion_id: str) -> list[dict[str, Any]]:
+        """The answered forms of an assertion, oldest first (each with its resource parsed)."""
+        with self.engine.connect() as conn:
+            rows = (
+                conn.execute(select(responses).where(responses.c.assertion_id == assertion_id).order_by(responses.c.id))
+                .mappings()
+                .all()
+            )
+        return [{**dict(r), "resource": json.loads(r["resource"])} for r in rows]
 
     # --- prior authorizations ---------------------------------------------------------------------------------------
     def active_prior_auth(
@@ -525,6 +630,27 @@ class Store:
         except IntegrityError:
             pass
         self._published.add(qid)
+
+    def questionnaire_created(self, qid: str) -> datetime | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(questionnaires.c.created_at).where(questionnaires.c.id == qid)).first()
+        if row is None:
+            return None
+        made: datetime = row[0]
+        return made if made.tzinfo else made.replace(tzinfo=UTC)  # SQLite gives naive datetimes back
+
+    def record_form_errors(
+        self, client_iss: str | None, questionnaires_: list[str], outcomes: str, received_at: datetime
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(form_errors).values(
+                    client_iss=client_iss,
+                    questionnaires=json.dumps(questionnaires_),
+                    outcomes=outcomes,
+                    received_at=received_at,
+                )
+            )
 
     def questionnaire(self, qid: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

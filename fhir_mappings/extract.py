@@ -28,7 +28,7 @@ HISTORY_CURRENT = frozenset({"active", "in-progress", "on-hold", "intended"})
 PROCEDURE_DONE = frozenset({"completed", "in-progress", "preparation"})
 
 # qualitative results, as SNOMED CT findings, v3 interpretation codes or plain text -> our two answer codes
-_RESULT_CODES: Mapping[str, str] = {
+RESULT_CODES: Mapping[str, str] = {
     "10828004": "positive",
     "260373001": "positive",
     "11214006": "positive",  # positive, detected, reactive
@@ -44,8 +44,8 @@ _RESULT_CODES: Mapping[str, str] = {
     "N": "negative",  # v3 normal: for a qualitative test, not detected
     "A": "positive",  # v3 abnormal: for a qualitative test, detected
 }
-_VIRAL_LOAD_UNITS = frozenset({"[IU]/mL", "{copies}/mL", "{log_IU}/mL", "{log_copies}/mL"})
-_RESULT_TEXT: Mapping[str, str] = {
+VIRAL_LOAD_UNITS = frozenset({"[IU]/mL", "{copies}/mL", "{log_IU}/mL", "{log_copies}/mL"})
+RESULT_TEXT: Mapping[str, str] = {
     "positive": "positive",
     "detected": "positive",
     "reactive": "positive",
@@ -636,8 +636,8 @@ def _high_key(r: Range) -> tuple[float, int]:
 
 
 # v3 ObservationInterpretation: below the low normal limit, and within or above it
-_LOW = frozenset({"L", "LL", "LU", "<"})
-_NOT_LOW = frozenset({"N", "H", "HH", "HU", ">"})
+LOW_FLAGS = frozenset({"L", "LL", "LU", "<"})
+NOT_LOW_FLAGS = frozenset({"N", "H", "HH", "HU", ">"})
 
 
 def _below_range(obs: Mapping[str, Any], value: Range, unit: str) -> bool | None:
@@ -646,9 +646,9 @@ def _below_range(obs: Mapping[str, Any], value: Range, unit: str) -> bool | None
     for concept in obs.get("interpretation") or ():
         for c in codings(concept):
             code = str(c.get("code"))
-            if code in _LOW:
+            if code in LOW_FLAGS:
                 return True
-            if code in _NOT_LOW:
+            if code in NOT_LOW_FLAGS:
                 return False
     for ref_range in obs.get("referenceRange") or ():
         low = (ref_range or {}).get("low") if isinstance(ref_range, Mapping) else None
@@ -706,22 +706,22 @@ def _as_needed_only(res: Mapping[str, Any]) -> bool:
 
 def _qualitative(obs: Mapping[str, Any]) -> str | None:
     for c in codings(obs.get("valueCodeableConcept")):
-        hit = _RESULT_CODES.get(str(c.get("code")))
+        hit = RESULT_CODES.get(str(c.get("code")))
         if hit:
             return hit
     text = obs.get("valueString")
-    if isinstance(text, str) and text.strip().lower() in _RESULT_TEXT:
-        return _RESULT_TEXT[text.strip().lower()]
+    if isinstance(text, str) and text.strip().lower() in RESULT_TEXT:
+        return RESULT_TEXT[text.strip().lower()]
     for concept in obs.get("interpretation") or ():
         for c in codings(concept):
-            hit = _RESULT_CODES.get(str(c.get("code")))
+            hit = RESULT_CODES.get(str(c.get("code")))
             if hit:
                 return hit
     # a viral load (IU/mL, copies/mL, log IU/mL): a quantified amount is a detected one; "<15 IU/mL" alone does not
     # say whether the target was detected below the limit or not at all, so without a flag or text it settles
     # nothing. Other quantities (an immunoassay's S/CO index) are never read as a result without their flag.
     vq = obs.get("valueQuantity")
-    if isinstance(vq, Mapping) and not vq.get("comparator") and units.quantity_unit(vq) in _VIRAL_LOAD_UNITS:
+    if isinstance(vq, Mapping) and not vq.get("comparator") and units.quantity_unit(vq) in VIRAL_LOAD_UNITS:
         value = vq.get("value")
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
             return "positive"

@@ -26,7 +26,7 @@ from fhir_mappings.loader import Mappings
 from policies.engine import Answers, Decision, Determination, Quantity, evaluate
 from policies.loader import read_cases
 from policies.model import Policy, Product, State
-from policies.questions import open_questions
+from policies.questions import open_questions, shown
 
 _CASE_KEYS = {"note", "product", "today", "facts", "reason", "answers", "order", "want"}
 _WANT_KEYS = {
@@ -241,7 +241,7 @@ def run_case(policy: Policy, mappings: Mappings, case: Mapping[str, Any], defaul
         got_state = states.get(str(cid))
         if got_state is None or got_state.value != wanted:
             problems.append(f"dose {cid} is {got_state.value if got_state else 'not checked'}, wanted {wanted}")
-    questions = open_questions(det, mappings)
+    questions = shown(open_questions(det, mappings))
     if "questions" in want:
         got_q = [q.link_id for q in questions]
         if got_q != list(want["questions"]):

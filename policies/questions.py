@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_mappings.loader import Mappings
-from policies.dose import DOSE_KINDS, birthdate_link
+from policies.dose import DOSE_KINDS, WEIGHT, birthdate_link
 from policies.engine import Decision, Determination, Finding
 from policies.model import COMPARISONS, Node, State
 
@@ -27,6 +27,7 @@ class Question:
     enable_when: tuple[str, str] | None = None  # (linkId, answer code): asked only for that indication
     hint: str = ""  # e.g. the recency window
     prefill: Any = None  # what the record suggests (patient data: never put in a Questionnaire)
+    input: str | None = None  # the policy input the answer stands for (its CQL define prepopulates it), if any
 
 
 def open_questions(det: Determination, mappings: Mappings) -> tuple[Question, ...]:
@@ -50,11 +51,10 @@ def open_questions(det: Determination, mappings: Mappings) -> tuple[Question, ..
             )
         )
     if det.chosen is None:
-        # when the record suggests one indication (a non-specific code), only its documentation is asked: the
-        # indication question is prefilled with it, and choosing another there means a new request
-        suggested = det.selection.partial if det.selection is not None else None
-        asked = [r for r in candidates if r.indication.id == suggested] if suggested else candidates
-        for result in asked:
+        # every open indication's documentation, each behind its choice in the indication question (enableWhen):
+        # when the record suggests one (a non-specific code) the question is prefilled and only that branch shows
+        # (:func:`shown`), but the clinician may still choose another in the same form
+        for result in candidates:
             when = (product.selection_id, result.indication.id) if det.selection is not None else None
             findings = result.findings[1:] if det.selection is not None else result.findings
             for finding in findings:
@@ -96,9 +96,22 @@ def open_questions(det: Determination, mappings: Mappings) -> tuple[Question, ..
     return tuple(unique)
 
 
+def shown(questions: tuple[Question, ...]) -> tuple[Question, ...]:
+    """The questions a clinician sees when the form opens: all but the branches behind another choice than the one a
+    choice question is prefilled with (the indication the record suggests). What a card counts and lists."""
+    prefilled = {q.link_id: q.prefill for q in questions if q.type == "choice" and isinstance(q.prefill, str)}
+    return tuple(
+        q
+        for q in questions
+        if q.enable_when is None or prefilled.get(q.enable_when[0], q.enable_when[1]) == q.enable_when[1]
+    )
+
+
 def _dose_question(link_id: str, ask: str, criterion: str, attest_text: str) -> Question:
     if ask == "weight":
-        return Question(link_id, "quantity", "Patient's current body weight", criterion=criterion, unit="kg")
+        return Question(
+            link_id, "quantity", "Patient's current body weight", criterion=criterion, unit="kg", input=WEIGHT
+        )
     if ask == "birthdate":
         # an age-banded dose rule that cannot place the patient (review C11): the date of birth, asked once for the
         # rules of one indication (birthdate_link), before any body weight
@@ -108,6 +121,7 @@ def _dose_question(link_id: str, ask: str, criterion: str, attest_text: str) -> 
             "Patient's date of birth",
             criterion=criterion,
             hint="The usual dose differs by age; a body weight is asked only if the dose for this age needs one.",
+            input="age_years",
         )
     return Question(link_id, "boolean", attest_text, criterion=criterion)
 
@@ -162,6 +176,7 @@ def _ask(finding: Finding, mappings: Mappings, when: tuple[str, str] | None) -> 
                 criterion=node.text,
                 enable_when=when,
                 prefill=True if prefill else None,
+                input=node.input,
             )
         ]
     if node.op == "below_range":
@@ -173,12 +188,20 @@ def _ask(finding: Finding, mappings: Mappings, when: tuple[str, str] | None) -> 
                 criterion=node.text,
                 enable_when=when,
                 hint=hint,
+                input=node.input,
             )
         ]
     if node.op == "is":
         return [
             Question(
-                node.id, "choice", spec.question, criterion=node.text, options=spec.options, enable_when=when, hint=hint
+                node.id,
+                "choice",
+                spec.question,
+                criterion=node.text,
+                options=spec.options,
+                enable_when=when,
+                hint=hint,
+                input=node.input,
             )
         ]
     assert node.op in COMPARISONS
@@ -191,8 +214,18 @@ def _ask(finding: Finding, mappings: Mappings, when: tuple[str, str] | None) -> 
                 criterion=node.text,
                 enable_when=when,
                 prefill=prefill if isinstance(prefill, str) else None,
+                input=node.input,
             )
         ]
     return [
-        Question(node.id, "quantity", spec.question, criterion=node.text, unit=spec.unit, enable_when=when, hint=hint)
+        Question(
+            node.id,
+            "quantity",
+            spec.question,
+            criterion=node.text,
+            unit=spec.unit,
+            enable_when=when,
+            hint=hint,
+            input=node.input,
+        )
     ]

@@ -81,10 +81,18 @@ def client_key() -> ClientKey:
 
 @pytest.fixture
 def make_app(tmp_path: Path, client_key: ClientKey) -> Iterator[Callable[..., Flask]]:
-    """Build an app on a fresh SQLite store, a fixed clock and predictable ids. Authentication is off unless asked."""
+    """Build an app on a fresh SQLite store, a fixed clock and predictable ids. Authentication is off unless asked.
+    ``clock`` replaces the fixed clock, ``new_id`` the predictable ids, ``pa_prefix`` starts the PA ids (apps that
+    share one data directory need their own)."""
     apps: list[Flask] = []
 
-    def build(**config: Any) -> Flask:
+    def build(
+        *,
+        clock: Callable[[], Any] | None = None,
+        new_id: Callable[[], str] | None = None,
+        pa_prefix: str = "TEST",
+        **config: Any,
+    ) -> Flask:
         counter = itertools.count(1)
         pa_counter = itertools.count(1)
         settings = {
@@ -99,9 +107,9 @@ def make_app(tmp_path: Path, client_key: ClientKey) -> Iterator[Callable[..., Fl
         app = create_app(
             settings,
             environ={},
-            clock=lambda: FIXED_NOW,
-            new_id=lambda: f"00000000-0000-4000-8000-{next(counter):012d}",
-            new_pa_id=lambda: f"PA-TEST{next(pa_counter):05d}",
+            clock=clock or (lambda: FIXED_NOW),
+            new_id=new_id or (lambda: f"00000000-0000-4000-8000-{next(counter):012d}"),
+            new_pa_id=lambda: f"PA-{pa_prefix}{next(pa_counter):05d}",
         )
         apps.append(app)
         return app

@@ -51,6 +51,16 @@ def decide(
 
 
 def asked(client: FlaskClient, info: dict[str, Any]) -> list[str]:
-    """The linkIds the Questionnaire named by the coverage-information asks."""
+    """The linkIds the form named by the coverage-information asks when it opens: its questions (not the display
+    items, not the closing attestation) that the prefilled draft response enables (enableWhen on a choice)."""
     url = info["questionnaire"][0].split("|")[0].removeprefix(BASE)
-    return [i["linkId"] for i in client.get(url).get_json()["item"] if i["type"] != "display"]
+    form = client.get(url).get_json()
+    draft = client.get(f"/fhir/QuestionnaireResponse/{info['coverage-assertion-id'][0]}").get_json()
+    chosen = {i["linkId"]: i["answer"][0].get("valueCoding", {}).get("code") for i in draft.get("item", [])}
+    return [
+        i["linkId"]
+        for i in form["item"]
+        if i["type"] != "display"
+        and i["linkId"] != "attestation"
+        and all(chosen.get(w["question"]) == w["answerCoding"]["code"] for w in i.get("enableWhen", ()))
+    ]

@@ -198,7 +198,7 @@ def test_an_authorization_in_days_ends_on_the_last_of_them() -> None:
     from datetime import date
     from types import SimpleNamespace
 
-    from cds.crd.assess import _valid_to
+    from cds.authorizations import valid_to as _valid_to
 
     assert _valid_to(date(2026, 11, 23), SimpleNamespace(authorization_days=3, authorization_months=None)) == date(
         2026, 11, 25

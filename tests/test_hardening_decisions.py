@@ -3,13 +3,12 @@ Coverages (or issued twice by racing signs), and an impossible dose approved."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from conftest import BASE, FIXED_NOW, ROOT, TEST_ISS, ClientKey, post_hook
 from flask import Flask
 from hookcalls import decide
 
-from cds import create_app
 from fhir_mappings.loader import Mappings
 from policies.cases import StaticFacts, build_order
 from policies.dose import check
@@ -30,32 +28,13 @@ ACQUIRED = [condition("D68.311")]
 
 
 @pytest.fixture
-def app_on(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
+def app_on(make_app: Callable[..., Flask]) -> Callable[..., Flask]:
     """Apps on one data directory (one SQLite store), each with its own PA id prefix so that they never collide."""
-    apps: list[Flask] = []
 
     def build(prefix: str, **config: Any) -> Flask:
-        pa_ids = itertools.count(1)
-        app = create_app(
-            {
-                "data_dir": str(tmp_path / "data"),
-                "base_url": BASE,
-                "auth_required": False,
-                "demo_client": False,
-                "log_level": "WARNING",
-                **config,
-            },
-            environ={},
-            clock=lambda: FIXED_NOW,
-            new_id=lambda: str(uuid.uuid4()),
-            new_pa_id=lambda: f"PA-{prefix}{next(pa_ids):05d}",
-        )
-        apps.append(app)
-        return app
+        return make_app(pa_prefix=prefix, new_id=lambda: str(uuid.uuid4()), **config)
 
-    yield build
-    for app in apps:
-        app.extensions["cds"].store.dispose()
+    return build
 
 
 def signed(app: Flask, body: dict[str, Any]) -> dict[str, Any]:

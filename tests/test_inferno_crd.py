@@ -750,10 +750,14 @@ def crd201_medication_request_problems(resource: dict[str, Any]) -> list[str]:
 
 
 def normalised(body: dict[str, Any]) -> dict[str, Any]:
-    """A response with what differs between two identical calls removed: uuids, assertion ids, the Task id."""
+    """A response with what differs between two identical calls removed: uuids, assertion ids, the Task id, and the
+    form link (it is bound to the assertion id)."""
     data = copy.deepcopy(body)
     for card in data.get("cards", []):
         card.pop("uuid", None)
+        for link in card.get("links", []):
+            if "/dtr/" in link["url"]:
+                link["url"] = link["url"].split("/dtr/")[0] + "/dtr/{coverage-assertion-id}"
         for suggestion in card.get("suggestions", []):
             suggestion.pop("uuid", None)
             for action in suggestion.get("actions", []):
@@ -1977,14 +1981,15 @@ def test_104_external_reference_cards(corpus: dict[str, Exchange]) -> None:
 
 def test_105_no_card_sends_users_to_a_portal(deployment: Deployment, corpus: dict[str, Exchange]) -> None:
     """#105 No External Reference or Instructions card points users to a portal to start PA or check coverage (CRD
-    §resp-17, §resp-23): links go to the policy as applied (this service's page) or the payer's policy document."""
+    §resp-17, §resp-23): links go to the policy as applied (this service's page), the payer's policy document, or the
+    DTR form for the order's own documentation (issue 8: bound to its coverage assertion, not a place to start one)."""
     for x, card in cards(corpus):
         if not (identify_external_reference(card) or identify_instructions(card)):
             continue
         text = " ".join([card["summary"], card.get("detail", "")] + [link["label"] for link in card.get("links", [])])
         assert not re.search(r"portal|log ?in|sign ?in to", text, re.IGNORECASE), (x.name, card["summary"])
         for link in card.get("links", []):
-            ours = link["url"].startswith(f"{deployment.base}/policies/")
+            ours = link["url"].startswith((f"{deployment.base}/policies/", f"{deployment.base}/dtr/"))
             assert ours or urlsplit(link["url"]).path.lower().endswith(".pdf"), link
 
 

@@ -99,12 +99,15 @@ def test_undecided_criteria_give_auth_needed_with_a_questionnaire_for_exactly_th
     url, version = canonical.split("|")
     assert url.startswith(f"{BASE}/fhir/Questionnaire/") and version == "2"  # the policy's version
     questionnaire = client.get(url.removeprefix(BASE)).get_json()
-    asked = [i["linkId"] for i in questionnaire["item"] if i["type"] != "display"]
+    asked = [i["linkId"] for i in questionnaire["item"] if i["type"] != "display" and i["linkId"] != "attestation"]
     assert asked == ["IP0356-3B"]
     item = next(i for i in questionnaire["item"] if i["linkId"] == "IP0356-3B")
     assert item["type"] == "boolean" and item["prefix"] == "IP0356-3B"
     instructions = [c for c in body["cards"] if c["source"]["topic"]["code"] == "coverage-info"]
-    assert instructions and "IP0356-3B" in instructions[0]["detail"] and "links" not in instructions[0]
+    assert instructions and "IP0356-3B" in instructions[0]["detail"]
+    # its one link is the clinician's form for this assertion (issue 8), nothing else
+    assessed = coverage_info(body["systemActions"][0]["resource"])["coverage-assertion-id"][0]
+    assert [link["url"].split("?")[0] for link in instructions[0]["links"]] == [f"{BASE}/dtr/{assessed}"]
 
 
 def test_a_failed_criterion_is_not_covered_with_a_card_citing_it(client: FlaskClient) -> None:

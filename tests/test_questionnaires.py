@@ -26,7 +26,17 @@ def questionnaire_for(client: FlaskClient, body: dict[str, Any]) -> tuple[dict[s
 
 
 def items(q: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {i["linkId"]: i for i in q["item"] if i["type"] != "display"}
+    """The questions (not the display items, not the closing attestation)."""
+    return {i["linkId"]: i for i in q["item"] if i["type"] != "display" and i["linkId"] != "attestation"}
+
+
+def enabled(q: dict[str, Any], answers: dict[str, str]) -> list[str]:
+    """The questions a form shows for these coded answers (enableWhen on a choice, the only kind the forms use)."""
+    return [
+        link
+        for link, item in items(q).items()
+        if all(answers.get(w["question"]) == w["answerCoding"]["code"] for w in item.get("enableWhen", ()))
+    ]
 
 
 def test_the_indication_is_a_choice_and_criteria_follow_it(client: FlaskClient) -> None:
@@ -55,9 +65,14 @@ def test_the_indication_is_a_choice_and_criteria_follow_it(client: FlaskClient) 
 
 def test_a_non_specific_code_asks_only_the_indication_it_suggests(client: FlaskClient) -> None:
     """D68.2 suggests congenital factor VII deficiency: the choice is prefilled with it, and the other indications'
-    criteria (Glanzmann's 2A, the inhibitor items) are not asked (the hematologist is on record)."""
-    q, _ = questionnaire_for(client, hook_request([med_order()], conditions=[condition("D68.2")]))
-    assert list(items(q)) == ["IP0356-MNC"]
+    criteria (Glanzmann's 2A, the inhibitor items) stay behind their own choice (the hematologist is on record, so
+    indication 1 asks nothing more); the card counts that one answer."""
+    body = hook_request([med_order()], conditions=[condition("D68.2")])
+    q, _ = questionnaire_for(client, body)
+    assert enabled(q, {"IP0356-MNC": "IP0356-1"}) == ["IP0356-MNC"]
+    assert "IP0356-2A" in enabled(q, {"IP0356-MNC": "IP0356-2"}), "choosing another indication shows its criteria"
+    cards = post_hook(client, body).get_json()["cards"]
+    assert any("needs 1 answer " in c["summary"] for c in cards), [c["summary"] for c in cards]
 
 
 def test_a_quantity_item_carries_its_ucum_unit(client: FlaskClient) -> None:

@@ -7,31 +7,32 @@ authorization it satisfies). Cards are rendered from the result elsewhere (:mod:
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 from urllib.parse import urlencode
 
+from cds import authorizations
 from cds.constants import OPTION_FORM_COMPLETION, OPTION_UNSOLICITED
 from cds.crd import coverage_info
 from cds.crd.coverage_info import CoverageInfo, Reason
 from cds.crd.hookrequest import HookRequest
 from cds.crd.prefetch import SOURCE_ORDER, SOURCES, Fetched, check_resource, open_source, sources_of
 from cds.dtr import forms
+from cds.dtr.publish import publish
 from cds.errors import DataUnavailable
 from cds.payers import CoverageChoice, choose_coverage
+from cds.records import snapshot
 from cds.runtime import Runtime
 from cds.store import AssertionRecord, PriorAuth
-from fhir_mappings import systems
 from fhir_mappings.extract import ClinicalData, FactFinder, medication_codings
 from policies import explain
 from policies.engine import Decision, Determination, evaluate
 from policies.model import Product
-from policies.questions import Question, open_questions
+from policies.questions import Question, open_questions, shown
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Assessed:
     unchanged: bool = False  # the order already carries this assertion: no system action (CRD §resp-29)
     client_has_questionnaire: bool = False  # the EHR already holds the Questionnaire (CRD §dev-20): no create
     notes: tuple[str, ...] = ()
+    record: Mapping[str, Any] | None = None  # the record it was decided on (cds.records), for DTR and PAS
 
     @property
     def reference(self) -> str:
@@ -102,12 +104,13 @@ class Assessment:
                     extension=a.extension,
                     trace=_trace(a),
                     draft_response=a.draft_response,
+                    record=a.record,
                 )
             )
         return out
 
 
-def patient_key(choice: CoverageChoice, request: HookRequest) -> str:
+def patient_key(choice: CoverageChoice, client: str | None, patient_id: str) -> str:
     """A stable, non-identifying key (a hash; no identifier is stored in clear) for the patient under this Coverage:
     the payer, who the EHR says the patient is (context.patientId, within the verified client that sent it) and who
     the Coverage says it covers (:attr:`CoverageChoice.identity`: its id, subscriber and member ids, dependent number
@@ -118,13 +121,7 @@ def patient_key(choice: CoverageChoice, request: HookRequest) -> str:
     another member of a family coverage (same subscriberId), or the same patient under another Coverage, gets their
     own. Keys made before this hashed the payer and member id alone; authorizations stored under them match no
     lookup any more, so the next approved order-sign for such a patient issues a new one."""
-    basis = [
-        "patient-v2",
-        choice.payer.id,
-        request.client or "",
-        str(request.context.get("patientId") or ""),
-        *choice.identity,
-    ]
+    basis = ["patient-v2", choice.payer.id, client or "", patient_id, *choice.identity]
     return hashlib.sha256(json.dumps(basis).encode()).hexdigest()[:40]
 
 
@@ -193,9 +190,10 @@ class _Job:
     order: Mapping[str, Any]
     drug: str
     stamp: _Stamp
+    record: Mapping[str, Any] | None = None
 
     def result(self, info: CoverageInfo, det: Determination | None = None, **more: Any) -> Assessed:
-        return Assessed(self.order, self.drug, info, det, **more)
+        return Assessed(self.order, self.drug, info, det, record=self.record, **more)
 
 
 def assess(rt: Runtime, request: HookRequest, orders: Sequence[Mapping[str, Any]], *, primary: bool) -> Assessment:
@@ -203,7 +201,7 @@ def assess(rt: Runtime, request: HookRequest, orders: Sequence[Mapping[str, Any]
     ctx = _Context(rt, request, primary)
     try:
         choice = choose_coverage(ctx.source, rt.payers)
-        key = patient_key(choice, request)
+        key = patient_key(choice, request.client, str(request.context.get("patientId") or ""))
         out = [_assess_order(ctx, choice, key, o) for o in orders if o.get("resourceType") == "MedicationRequest"]
         return Assessment(choice, key, tuple(out), tuple(ctx.source.queried))
     finally:
@@ -264,7 +262,18 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
     others = _companions(ctx, choice, order, product)
     det = evaluate(policy, product, rt.mappings, facts, order, ctx.today, companions=others)
     failed = {n: f.note for n, f in data.items() if f.status == "failed"}
-    return _finish(ctx, _from_determination(replace(job, drug=product.title), det, failed))
+    record = snapshot(clinical, others, patient=_patient_ref(ctx.request), coverage=choice.reference)
+    return _finish(ctx, _from_determination(replace(job, drug=product.title, record=record), det, failed))
+
+
+def _clinician(request: HookRequest) -> str | None:
+    """The user the hook names, when a Practitioner or PractitionerRole (who signs and answers the form)."""
+    user = request.context.get("userId")
+    return user if isinstance(user, str) and user.startswith(("Practitioner/", "PractitionerRole/")) else None
+
+
+def _patient_ref(request: HookRequest) -> str:
+    return f"Patient/{request.context.get('patientId')}"
 
 
 def _drug_inputs(rt: Runtime, codings: Sequence[Mapping[str, Any]]) -> frozenset[str]:
@@ -299,15 +308,6 @@ def _of(fetched: Fetched, *types: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(r for r in fetched.resources if r.get("resourceType") in types)
 
 
-def _billing(rt: Runtime, product: Product) -> tuple[Mapping[str, str], ...]:
-    """The HCPCS code a claim must carry for the assertion to hold (CRD §resp-30)."""
-    for drug in product.drugs:
-        for row in rt.mappings.rows_for(drug):
-            if row.system == systems.HCPCS:
-                return ({"system": row.system, "code": row.code, "display": row.display},)
-    return ()
-
-
 def _over_limit(det: Determination) -> str:
     """Each dose rule the order exceeds: its id, the policy's words, then what the rule found (the rule's own note:
     the figure the order comes to and the limit, or the kit the weight calls for)."""
@@ -330,7 +330,7 @@ def _impossible(det: Determination) -> str:
 def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]) -> Assessed:
     ctx, stamp = job.ctx, job.stamp
     rt, policy, product = ctx.rt, det.policy, det.product
-    billing = _billing(rt, product)
+    billing = coverage_info.billing_codes(rt.mappings, product)
     decision = det.decision
     if decision is Decision.NOT_COVERED:
         info = stamp.info(covered="not-covered", reasons=(Reason(f"{policy.ref}: {explain.failed_text(det)}"),))
@@ -376,7 +376,7 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
         return job.result(info, det, questions=questions, questionnaire=questionnaire)
     if not ctx.primary:
         # secondary hooks never ask for clinical documentation (CRD §hook-19): say what signing will need
-        wanted = coverage_info.first_text([f"{q.link_id} {q.text}" for q in questions])
+        wanted = coverage_info.first_text([f"{q.link_id} {q.text}" for q in shown(questions)])
         why = (
             f"{policy.ref}: {_impossible(det)}prior authorization applies; when the order is signed, documentation "
             "will be needed for: "
@@ -392,17 +392,19 @@ def _from_determination(job: _Job, det: Determination, failed: Mapping[str, str]
     draft = forms.draft_response(
         questionnaire,
         questions,
-        patient=f"Patient/{ctx.request.context.get('patientId')}",
+        patient=_patient_ref(ctx.request),
         coverage=job.choice.reference,
         order=f"MedicationRequest/{job.order.get('id')}",
         today=ctx.today,
         base_url=rt.base_url,
+        assertion_id=stamp.assertion_id,
+        author=_clinician(ctx.request),
     )
     if decision is Decision.DOCUMENTATION and product.documentation is not None:
         why = f"{policy.ref}: the criteria are met; {product.documentation.id} {product.documentation.text}"
     else:
         why = f"{policy.ref}: {_impossible(det)}the record does not settle " + coverage_info.first_text(
-            [f"{q.link_id} ({q.text})" for q in questions], 4
+            [f"{q.link_id} ({q.text})" for q in shown(questions)], 4
         )
         over = _over_limit(det)
         if over:
@@ -445,10 +447,7 @@ def _client_has(ctx: _Context, questionnaire: Mapping[str, Any]) -> bool:
 
 
 def _publish(rt: Runtime, det: Determination, questions: tuple[Question, ...]) -> dict[str, Any]:
-    """The Questionnaire for the open questions, stored so that its canonical resolves."""
-    questionnaire = forms.build(det.policy, det.product, questions, rt.base_url)
-    rt.store.save_questionnaire(questionnaire["id"], det.policy.ref, questionnaire)
-    return questionnaire
+    return publish(rt, det.policy, det.product, questions)
 
 
 def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], ...]) -> Assessed:
@@ -467,48 +466,14 @@ def _approved(job: _Job, det: Determination, billing: tuple[Mapping[str, str], .
             ),
             det,
         )
-    payer = job.choice.payer
-    # the reuse key: payer, patient under this Coverage (patient_key), product, policy|version. A new authorization is
-    # stored as it is issued, so that calls racing to sign one order answer with one PA id (Store.issue_prior_auth)
-    issued = rt.store.active_prior_auth(payer.id, job.patient_key, product.id, policy.ref, ctx.today)
-    if issued is None:
-        candidate = PriorAuth(
-            rt.new_pa_id(),
-            stamp.assertion_id,
-            payer.id,
-            job.patient_key,
-            product.id,
-            policy.ref,
-            ctx.today,
-            _valid_to(ctx.today, det),
-            product.authorization.doses,
-        )
-        issued = rt.store.issue_prior_auth(candidate, ctx.today)
-    until = (
-        f"valid through {issued.valid_to.isoformat()}"
-        if issued.valid_to
-        else f"valid for {issued.doses} dose(s)"
-        if issued.doses
-        else "valid"
+    issued = authorizations.issue(rt, det, job.choice.payer.id, job.patient_key, stamp.assertion_id)
+    reason = Reason(
+        f"{basis}; prior authorization {issued.pa_id} {authorizations.until(issued)} ({product.authorization.id})"
     )
-    reason = Reason(f"{basis}; prior authorization {issued.pa_id} {until} ({product.authorization.id})")
     info = stamp.info(
         covered="covered", pa_needed="satisfied", satisfied_pa_id=issued.pa_id, billing_codes=billing, reasons=(reason,)
     )
     return job.result(info, det, prior_auth=issued)
-
-
-def _valid_to(today: date, det: Determination) -> date | None:
-    """The last day of an authorization: days or months from today (None: valid for its doses)."""
-    if det.authorization_days:
-        return today + timedelta(days=det.authorization_days - 1)  # the day of signing is the first
-    return add_months(today, det.authorization_months) if det.authorization_months else None
-
-
-def add_months(start: date, months: int) -> date:
-    month = start.month - 1 + months
-    year, month = start.year + month // 12, month % 12 + 1
-    return date(year, month, min(start.day, calendar.monthrange(year, month)[1]))
 
 
 def _finish(ctx: _Context, assessed: Assessed) -> Assessed:

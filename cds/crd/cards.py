@@ -14,10 +14,12 @@ from typing import Any
 from cds import constants
 from cds.crd.assess import Assessed, Assessment
 from cds.crd.hookrequest import HookRequest
+from cds.links import form_link
 from cds.runtime import Runtime
 from policies import explain
 from policies.dose import without_coverage_info
 from policies.engine import Decision
+from policies.questions import shown
 
 SDC_TEMP = "http://hl7.org/fhir/uv/sdc/CodeSystem/temp"
 TOPICS = {
@@ -159,9 +161,10 @@ class _Builder:
         det = a.determination
         assert det is not None
         policy = det.policy
-        asked = [q for q in a.questions if q.type != "attachment"]
+        visible = shown(a.questions)
+        asked = [q for q in visible if q.type != "attachment"]
         lines = []
-        for q in a.questions:
+        for q in visible:
             why = next((r.note for r in explain.rows(det) if r.id == q.link_id and r.note), "")
             lines.append(f"- **{q.link_id}** {q.text}" + (f" — {why}" if why else ""))
         if self.primary:
@@ -182,12 +185,25 @@ class _Builder:
                 )
                 intro = (
                     f"The record does not settle these criteria of {policy.number} for **{a.drug}**. Answer "
-                    f"them in the form `{form}` (launch DTR) and submit the prior authorization request:"
+                    f"them in the documentation form (`{form}`, through DTR or the link below); the answers settle "
+                    "the prior authorization:"
                 )
         else:
             head = f"{a.drug}: prior authorization required ({policy.number}); documentation at signing"
             intro = f"When **{a.drug}** is signed, {policy.number} will need answers to:"
-        self.card(constants.OPTION_COVERAGE_INFO, 1, a, head, "\n".join([intro, "", *lines, "", explanation(a)]))
+        extra: dict[str, Any] = {}
+        if self.primary and a.questionnaire is not None:
+            # the clinician's form page, bound to this assertion (cds.links): the same form DTR clients fetch
+            extra["links"] = [
+                {
+                    "label": f"Answer the {policy.number} documentation form",
+                    "type": "absolute",
+                    "url": form_link(self.rt, a.info.assertion_id),
+                }
+            ]
+        self.card(
+            constants.OPTION_COVERAGE_INFO, 1, a, head, "\n".join([intro, "", *lines, "", explanation(a)]), **extra
+        )
         if self.primary and a.questionnaire is not None and det.decision is Decision.NEEDS_INFO:
             self.form_completion(a)
 

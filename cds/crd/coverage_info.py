@@ -14,6 +14,9 @@ from datetime import date
 from typing import Any
 
 from cds.constants import COVERAGE_INFO_URL, CRD_TEMP_SYSTEM
+from fhir_mappings import systems
+from fhir_mappings.loader import Mappings
+from policies.model import Product
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,15 @@ class CoverageInfo:
         if self.satisfied_pa_id:
             ext.append({"url": "satisfied-pa-id", "valueString": self.satisfied_pa_id})
         return {"url": COVERAGE_INFO_URL, "extension": ext}
+
+
+def billing_codes(mappings: Mappings, product: Product) -> tuple[Mapping[str, str], ...]:
+    """The HCPCS code a claim must carry for the assertion to hold (CRD §resp-30)."""
+    for drug in product.drugs:
+        for row in mappings.rows_for(drug):
+            if row.system == systems.HCPCS:
+                return ({"system": row.system, "code": row.code, "display": row.display},)
+    return ()
 
 
 def values(extension: Mapping[str, Any], name: str) -> list[Any]:

@@ -1,21 +1,32 @@
-"""Questionnaires for exactly the criteria a determination left open, and the draft response the record suggests.
+"""The DTR form for what a determination leaves open, and the draft response the record suggests.
+
+One Questionnaire per determination, conforming to the DTR standard questionnaire profile: every question's
+``item.code`` is the policy criterion it answers (``/fhir/CodeSystem/policy-criteria``), the indication question's
+options are coded with the indications' criterion ids, and each indication's criteria sit behind its choice
+(``enableWhen``). Items the record can prepopulate carry a CQL ``initialExpression`` into the policy's library
+(``"Library".Define``, :mod:`cds.dtr.cql`); the form closes with a signed attestation.
 
 A Questionnaire holds no patient data: its content depends only on the policy version and the open criteria, and
 its id is a hash of that content, so the same open criteria always give the same canonical. What the record
-suggests for an answer goes into a draft QuestionnaireResponse stored with the assertion (DTR's prepopulation).
+suggests for an answer goes into the draft QuestionnaireResponse (``information-origin`` auto-server).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
 from typing import Any
 
 from cds import constants
 from policies.model import Policy, Product
 from policies.questions import Question
+
+ATTESTATION_TEXT = (
+    "I attest that the answers above are accurate and are supported by the patient's medical record, "
+    "which is available to the plan on request."
+)
 
 
 def _help(link_id: str, text: str) -> dict[str, Any]:
@@ -34,19 +45,42 @@ def _help(link_id: str, text: str) -> dict[str, Any]:
     }
 
 
-def _item(q: Question, criteria_system: str) -> dict[str, Any]:
-    item: dict[str, Any] = {"linkId": q.link_id, "prefix": q.link_id, "text": q.text, "type": q.type, "required": True}
+def criterion_code(link_id: str) -> str:
+    """The criterion a linkId answers: the linkId itself, but for the date of birth an age-banded dose rule asks
+    (``C1701-Isuprel-1.birthdate``), which answers the indication's dosing (``C1701-Isuprel-1.dosing``)."""
+    return link_id.removesuffix(".birthdate") + ".dosing" if link_id.endswith(".birthdate") else link_id
+
+
+def _item(q: Question, criteria_system: str, expression: Callable[[str], str | None]) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "linkId": q.link_id,
+        "code": [
+            {"system": criteria_system, "code": criterion_code(q.link_id), "display": (q.criterion or q.text)[:250]}
+        ],
+        "prefix": q.link_id,
+        "text": q.text,
+        "type": q.type,
+        "required": True,
+    }
+    extensions: list[dict[str, Any]] = []
     if q.type == "quantity" and q.unit:
-        item["extension"] = [
+        extensions.append(
             {
                 "url": constants.SDC_UNIT_OPTION,
-                "valueCoding": {"system": "http://unitsofmeasure.org", "code": q.unit, "display": q.unit},
+                "valueCoding": {"system": constants.UCUM, "code": q.unit, "display": q.unit},
             }
-        ]
+        )
+    cql = expression(q.input) if q.input else None
+    if cql:
+        extensions.append(
+            {"url": constants.SDC_INITIAL_EXPRESSION, "valueExpression": {"language": "text/cql", "expression": cql}}
+        )
+    if extensions:
+        item["extension"] = extensions
     if q.type == "choice":
+        system = option_system(q, criteria_system)
         item["answerOption"] = [
-            {"valueCoding": {"system": criteria_system, "code": code, "display": display}}
-            for code, display in q.options
+            {"valueCoding": {"system": system, "code": code, "display": display}} for code, display in q.options
         ]
     if q.enable_when:
         question, code = q.enable_when
@@ -66,8 +100,28 @@ def _item(q: Question, criteria_system: str) -> dict[str, Any]:
     return item
 
 
-def build(policy: Policy, product: Product, questions: Sequence[Question], base_url: str) -> dict[str, Any]:
-    """The Questionnaire for these open questions (deterministic: same input, same resource and id)."""
+def option_system(q: Question, criteria_system: str) -> str:
+    """The code system of a choice's options: the criteria (the indication question's options are indications), or
+    for a record input's coded result (positive / negative) the system the CQL prepopulates it with."""
+    return constants.RESULT_SYSTEM if q.input else criteria_system
+
+
+def _attestation() -> dict[str, Any]:
+    return {"linkId": constants.ATTESTATION_LINK, "type": "boolean", "required": True, "text": ATTESTATION_TEXT}
+
+
+def build(
+    policy: Policy,
+    product: Product,
+    questions: Sequence[Question],
+    base_url: str,
+    *,
+    library: str | None = None,
+    expression: Callable[[str], str | None] = lambda _input: None,
+) -> dict[str, Any]:
+    """The Questionnaire for these open questions (deterministic: same input, same resource and id). ``library`` is
+    the canonical (url|version) of the policy's CQL library, ``expression`` gives the CQL expression that
+    prepopulates an input (None when the library has no define for it)."""
     criteria_system = base_url + constants.CRITERIA_SYSTEM_PATH
     items: list[dict[str, Any]] = [
         {
@@ -80,14 +134,40 @@ def build(policy: Policy, product: Product, questions: Sequence[Question], base_
         }
     ]
     items.extend({"linkId": s.id, "prefix": s.id, "type": "display", "text": s.text} for s in product.statements)
-    items.extend(_item(q, criteria_system) for q in questions)
-    content = {"policy": policy.ref, "product": product.id, "items": items}
+    items.extend(_item(q, criteria_system, expression) for q in questions)
+    items.append(_attestation())
+    extensions: list[dict[str, Any]] = [
+        {
+            "url": constants.SDC_LAUNCH_CONTEXT,
+            "extension": [
+                {"url": "name", "valueCoding": {"system": constants.SDC_LAUNCH_CONTEXT_SYSTEM, "code": "patient"}},
+                {"url": "type", "valueCode": "Patient"},
+                {"url": "description", "valueString": "The patient the order is for"},
+            ],
+        },
+        {
+            "url": constants.SIGNATURE_REQUIRED,
+            "valueCodeableConcept": {
+                "coding": [
+                    {
+                        "system": constants.SIGNATURE_TYPE_SYSTEM,
+                        "code": "1.2.840.10065.1.12.1.1",
+                        "display": "Author's Signature",
+                    }
+                ]
+            },
+        },
+    ]
+    if library:
+        extensions.insert(0, {"url": constants.CQF_LIBRARY, "valueCanonical": library})
+    content = {"policy": policy.ref, "product": product.id, "items": items, "extensions": extensions}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
     qid = f"{policy.id}-{digest}"
     return {
         "resourceType": "Questionnaire",
         "id": qid,
         "meta": {"profile": [constants.DTR_QUESTIONNAIRE_PROFILE]},
+        "extension": extensions,
         "url": f"{base_url}/fhir/Questionnaire/{qid}",
         "version": policy.version,
         "name": f"{policy.number.replace('-', '')}Documentation",
@@ -96,6 +176,7 @@ def build(policy: Policy, product: Product, questions: Sequence[Question], base_
         "subjectType": ["Patient"],
         "publisher": policy.publisher,
         "description": f"Questions for the criteria of {policy.number} ({policy.ref}) that the record did not settle.",
+        "effectivePeriod": {"start": str(policy.effective)},
         "item": items,
     }
 
@@ -104,14 +185,24 @@ def canonical(questionnaire: Mapping[str, Any]) -> str:
     return f"{questionnaire['url']}|{questionnaire['version']}"
 
 
-def _answer(q: Question, value: Any, criteria_system: str, options: Mapping[str, str]) -> dict[str, Any] | None:
+def answer_json(q: Question, value: Any, criteria_system: str) -> dict[str, Any] | None:
+    """A QuestionnaireResponse answer for a value the record suggests (None when it does not fit the item)."""
+    options = dict(q.options)
     if q.type == "boolean" and isinstance(value, bool):
         return {"valueBoolean": value}
     if q.type == "date" and isinstance(value, str):
         return {"valueDate": value}
     if q.type == "choice" and isinstance(value, str) and value in options:
-        return {"valueCoding": {"system": criteria_system, "code": value, "display": options[value]}}
+        return {"valueCoding": {"system": option_system(q, criteria_system), "code": value, "display": options[value]}}
     return None
+
+
+def origin(source: str, author: str | None = None) -> dict[str, Any]:
+    """The DTR information-origin extension of an answer (author: who answered, for manual and override)."""
+    parts: list[dict[str, Any]] = [{"url": "source", "valueCode": source}]
+    if author:
+        parts.append({"url": "author", "valueReference": {"reference": author}})
+    return {"url": constants.DTR_INFORMATION_ORIGIN, "extension": parts}
 
 
 def draft_response(
@@ -123,23 +214,23 @@ def draft_response(
     order: str,
     today: date,
     base_url: str,
-) -> dict[str, Any] | None:
-    """A QuestionnaireResponse prepopulated with what the record suggests, or None when it suggests nothing."""
+    assertion_id: str,
+    author: str | None = None,
+) -> dict[str, Any]:
+    """The QuestionnaireResponse a DTR package carries: the answers the record suggests (``information-origin``
+    auto-server), linked to the Coverage, the order and (identifier) the coverage assertion it documents. ``author``
+    is the clinician the hook named (``userId``), who answers the form (and is named on answers they give)."""
     criteria_system = base_url + constants.CRITERIA_SYSTEM_PATH
     items = []
     for q in questions:
         if q.prefill is None:
             continue
-        answer = _answer(q, q.prefill, criteria_system, dict(q.options))
+        answer = answer_json(q, q.prefill, criteria_system)
         if answer is None:
             continue
-        answer["extension"] = [
-            {"url": constants.DTR_INFORMATION_ORIGIN, "extension": [{"url": "source", "valueCode": "auto-server"}]}
-        ]
+        answer["extension"] = [origin("auto-server")]
         items.append({"linkId": q.link_id, "text": q.text, "answer": [answer]})
-    if not items:
-        return None
-    return {
+    response: dict[str, Any] = {
         "resourceType": "QuestionnaireResponse",
         "meta": {"profile": [constants.DTR_QR_PROFILE]},
         "extension": [
@@ -150,9 +241,14 @@ def draft_response(
                 "valueCodeableConcept": {"coding": [{"system": constants.CRD_TEMP_SYSTEM, "code": "withpa"}]},
             },
         ],
+        "identifier": {"system": base_url + constants.ASSERTION_ID_PATH, "value": assertion_id},
         "questionnaire": canonical(questionnaire),
         "status": "in-progress",
         "subject": {"reference": patient},
         "authored": today.isoformat(),
-        "item": items,
     }
+    if author:
+        response["author"] = {"reference": author}
+    if items:
+        response["item"] = items
+    return response
