@@ -104,8 +104,9 @@ def questionnaire(qid: str) -> Response:
 
 @bp.get("/QuestionnaireResponse/<assertion_id>")
 def draft_response(assertion_id: str) -> Response:
-    """The prepopulated response made with an assertion. It carries patient data, so the caller must present a
-    CDS client JWT for this URL, like a hook call."""
+    """The response of an assertion: the prepopulated draft, or once the form was answered, the answered response
+    with the coverage-information it settled. It carries patient data, so the caller must present a CDS client JWT
+    for this URL, like a hook call."""
     rt = _rt()
     if rt.verifier is not None:
         rt.verifier.verify(
@@ -114,7 +115,9 @@ def draft_response(assertion_id: str) -> Response:
     record = rt.store.assertion(assertion_id)
     if record is None or record.draft_response is None:
         raise NotFound(f"QuestionnaireResponse/{assertion_id} is not known here")
-    return fhir_response({**record.draft_response, "id": assertion_id})
+    answered = rt.store.responses_for(assertion_id)
+    latest = answered[-1]["resource"] if answered else record.draft_response  # once answered, the answers
+    return fhir_response({**latest, "id": assertion_id})
 
 
 @bp.get("/CodeSystem/policy-criteria")

@@ -159,7 +159,10 @@ def _ask(finding: Finding, mappings: Mappings, when: tuple[str, str] | None) -> 
     if not node.is_leaf:
         parts = _parts(finding, {n.input for n in node.walk() if n.id and n.is_leaf and n.input})
         if node.id and not parts:
-            return [Question(node.id, "boolean", node.text, criterion=node.text, enable_when=when)]
+            # a group the record suggests (a diagnosis only a non-specific code points to) is prefilled yes, for the
+            # prescriber to confirm: the one indication the record or the order's reason points to is pre-answered
+            suggested = True if finding.partial not in (None, False) else None
+            return [Question(node.id, "boolean", node.text, criterion=node.text, enable_when=when, prefill=suggested)]
         return [q for c in parts or () for q in _ask(c, mappings, when)]
     assert node.id is not None  # leaves are reached only through criteria with ids
     if node.op == "attested":

@@ -218,6 +218,8 @@ def test_answers_that_meet_the_policy_issue_the_pa_under_the_same_assertion(
     record = store.assertion(signed["coverage-assertion-id"][0])
     assert record.satisfied_pa_id == info["satisfied-pa-id"][0] and record.questionnaire is None
     assert len(store.responses_for(record.assertion_id)) == 1
+    read = client.get(f"/fhir/QuestionnaireResponse/{record.assertion_id}").get_json()  # the answers, once given
+    assert read["status"] == "completed" and coverage_info(read)["satisfied-pa-id"] == info["satisfied-pa-id"]
     again = package(client, coverage_part(), context(record.assertion_id))  # DTR §oper-8: nothing needed now
     body = again.get_json()
     assert again.status_code == 200 and not [p for p in body["parameter"] if p["name"] == "packagebundle"]
@@ -313,7 +315,7 @@ def test_malformed_bodies_are_operation_outcomes(client: FlaskClient) -> None:
 
 
 # --- stand-alone (orders, no CRD context) ------------------------------------------------------------------------
-def test_a_stand_alone_package_asks_everything_the_order_alone_leaves_open(client: FlaskClient) -> None:
+def test_a_stand_alone_package_asks_everything_the_order_alone_leaves_open(client: FlaskClient, app: Flask) -> None:
     order = med_order()
     order["subject"] = {"reference": "Patient/pat-1"}
     bundle = the_bundle(package(client, coverage_part(), {"name": "order", "resource": order}))
@@ -321,6 +323,8 @@ def test_a_stand_alone_package_asks_everything_the_order_alone_leaves_open(clien
     asked = [i["linkId"] for i in form["item"] if i["type"] != "display"]
     assert "IP0356-MNC" in asked and "attestation" in asked
     draft = entries(bundle, "QuestionnaireResponse")[0]
+    made = app.extensions["cds"].store.exchanges_for(f"dtr-package:{draft['identifier']['value']}")
+    assert len(made) == 1 and made[0]["status"] == 200 and form["url"] in made[0]["response"], "the call is audited"
     qr = completed(
         draft,
         {

@@ -76,7 +76,7 @@ def _instant(parts: list[Mapping[str, Any]]) -> datetime | None:
 def questionnaire_package() -> Response:
     rt = _rt()
     client = require_scopes(rt, *READ_FORMS)
-    started = time.perf_counter()
+    started, received = time.perf_counter(), rt.clock()
     params = parameters(_body(), "$questionnaire-package")
     coverages = [p.get("resource") for p in params.get("coverage", ())]
     coverage = coverages[0] if coverages else None
@@ -90,23 +90,11 @@ def questionnaire_package() -> Response:
     since = _instant(list(params.get("changedsince", ())))
     notes: list[dict[str, Any]] = []
     bundles: list[dict[str, Any]] = []
+    made: list[Any] = []
     if context is not None:
         bundles, notes = _for_context(rt, context, coverage, orders)
     else:
         made = service.standalone(rt, coverage, orders, client)
-        if made:
-            rt.store.record_exchange(
-                hook_instance=f"dtr-package:{made[0][0].assertion_id}",
-                service_id="dtr-questionnaire-package",
-                client_iss=client,
-                received_at=rt.clock(),
-                status=200,
-                duration_ms=int((time.perf_counter() - started) * 1000),
-                request=request.get_data(as_text=True),
-                response="",
-                queried=[],
-                records=[m[0] for m in made],
-            )
         bundles = [service.bundle(rt, policy, q, dict(r.draft_response or {})) for r, policy, q in made]
         if not bundles:
             notes.append(
@@ -114,15 +102,13 @@ def questionnaire_package() -> Response:
             )
     adaptive_wanted = bool(rt.config["dtr_adaptive"]) or any(adaptive.is_adaptive(w) for w in wanted)
     wanted = [adaptive.standard_canonical(w) for w in wanted]
-    if wanted:
-        kept = [b for b in bundles if _canonical(b) in wanted or _canonical(b).partition("|")[0] in wanted]
-        for missing in sorted(
-            set(wanted) - {_canonical(b) for b in kept} - {_canonical(b).partition("|")[0] for b in kept}
-        ):
-            notes.append(
-                _outcome("warning", "not-found", f"The Questionnaire {missing[:200]} is not one for these orders")
-            )
-        bundles = kept
+    if wanted:  # only the forms asked for, by canonical with or without version; a warning for the others (§oper-9)
+        bundles = [b for b in bundles if {_canonical(b), _canonical(b).partition("|")[0]} & set(wanted)]
+        found = {c for b in bundles for c in (_canonical(b), _canonical(b).partition("|")[0])}
+        notes.extend(
+            _outcome("warning", "not-found", f"The Questionnaire {missing[:200]} is not one for these orders")
+            for missing in sorted(set(wanted) - found)
+        )
     if since is not None:
         bundles = [b for b in bundles if _changed(rt, b, since)]
     if adaptive_wanted:
@@ -142,8 +128,23 @@ def questionnaire_package() -> Response:
                 "resource": {"resourceType": "OperationOutcome", "issue": issues},
             }
         )
-    log.info("dtr package bundles=%s ms=%s", len(bundles), int((time.perf_counter() - started) * 1000))
-    return fhir_response(out)
+    resp = fhir_response(out)
+    ms = int((time.perf_counter() - started) * 1000)
+    if context is None and made:  # the assertions a stand-alone package made, kept with the call that made them
+        rt.store.record_exchange(
+            hook_instance=f"dtr-package:{made[0][0].assertion_id}",
+            service_id="dtr-questionnaire-package",
+            client_iss=client,
+            received_at=received,
+            status=200,
+            duration_ms=ms,
+            request=request.get_data(as_text=True),
+            response=resp.get_data(as_text=True),
+            queried=[],
+            records=[m[0] for m in made],
+        )
+    log.info("dtr package bundles=%s ms=%s", len(bundles), ms)
+    return resp
 
 
 def _canonical(bundle: Mapping[str, Any]) -> str:
