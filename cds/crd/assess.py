@@ -224,13 +224,13 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
     stamp = _Stamp(choice.reference, ctx.today, rt.new_id())
     medications, med_note = _medications(ctx, order)
     found = medication_codings(order, medications, rt.mappings.product_names)
-    drug_inputs = _drug_inputs(rt, found)
+    ordered = drug_inputs(rt, found)
     job = _Job(ctx, choice, key, order, _drug_name(order, found), stamp)
     if med_note and not found:
         reason = Reason(f"The ordered medication could not be identified: {med_note}", "technical")
         info = stamp.info(covered="indeterminate", pa_needed="indeterminate", reasons=(reason,))
         return _finish(ctx, job.result(info, notes=(med_note,)))
-    match = rt.policies.find(choice.payer.policies, drug_inputs)
+    match = rt.policies.find(choice.payer.policies, ordered)
     if match is None:
         return _finish(ctx, job.result(stamp.info(covered="covered", pa_needed="no-auth")))
     policy, product = match
@@ -276,7 +276,8 @@ def _patient_ref(request: HookRequest) -> str:
     return f"Patient/{request.context.get('patientId')}"
 
 
-def _drug_inputs(rt: Runtime, codings: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+def drug_inputs(rt: Runtime, codings: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    """The drug inputs (inputs.yaml kind ``drug``) an order's medication codings map to."""
     return frozenset(
         row.input
         for c in codings
@@ -297,7 +298,7 @@ def _companions(ctx: _Context, choice: CoverageChoice, order: Mapping[str, Any],
         if draft.get("resourceType") != "MedicationRequest" or draft.get("id") == order.get("id"):
             continue
         medications, _ = _medications(ctx, draft)
-        inputs = _drug_inputs(ctx.rt, medication_codings(draft, medications, ctx.rt.mappings.product_names))
+        inputs = drug_inputs(ctx.rt, medication_codings(draft, medications, ctx.rt.mappings.product_names))
         match = ctx.rt.policies.find(choice.payer.policies, inputs)
         if match is not None and match[1].id == product.id:
             others.append(draft)

@@ -234,7 +234,7 @@ def next_question(rt: Runtime, body: Any) -> dict[str, Any]:
             "The response is about another patient than the order it documents",
             expression="QuestionnaireResponse.subject",
         )
-    standard = service.questionnaire_of(rt, canonical)
+    standard = service.shaped_form(service.questionnaire_of(rt, canonical), str(rt.config["dtr_version"]))
     std_items = [i for i in standard.get("item") or () if i.get("linkId") != constants.ATTESTATION_LINK]
     by_link = {str(i["linkId"]): i for i in std_items}
 

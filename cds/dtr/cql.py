@@ -36,7 +36,7 @@ user), and dates are read in the timezone they are written in.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -58,11 +58,12 @@ from fhir_mappings.extract import (
 )
 from fhir_mappings.loader import CURRENT_PROCEDURE_DAYS, InputDef, Mappings
 from policies.dose import DOSE_KINDS
-from policies.model import Node, Policy
+from policies.model import Indication, Node, Policy, Product
 
 FHIRHELPERS_NAME = "FHIRHelpers"
 FHIRHELPERS_VERSION = "4.0.1"
 ORDER_PARAMETER = "medication_request"
+ORDER_DEFINE = "Order"  # the order the form documents (its itemPopulationContext)
 LIBRARY_SUFFIX = "Prepopulation"
 # the system of the codes a lab_code define returns (the input's options: positive, negative)
 RESULT_SYSTEM = constants.RESULT_SYSTEM  # under CANONICAL_BASE, like the value sets
@@ -183,6 +184,30 @@ def expression(policy: Policy, mappings: Mappings, input_name: str, op: str | No
     return f"{_q(library_name(policy))}.{_q(_item_define(mappings.inputs[input_name], use, op))}"
 
 
+def evidence_inputs(indication: Indication, defined: Container[str]) -> tuple[str, ...]:
+    """The inputs whose presence on record (or suggestion) points to ``indication``: the yes/no inputs its diagnosis
+    tests with ``present`` that the library defines (``defined``: input names)."""
+    return tuple(
+        sorted({n.input for n in indication.diagnosis.walk() if n.op == "present" and n.input and n.input in defined})
+    )
+
+
+def suggested_define(product: Product) -> str:
+    """The define listing the indications of ``product`` the record points to (its indication question's
+    candidateExpression)."""
+    return f"{product.id} suggested indications"
+
+
+def qualified(policy: Policy, define: str) -> str:
+    """The ``text/cql`` expression ``"<Library>"."<define>"`` (a form's variable, context or candidates)."""
+    return f"{_q(library_name(policy))}.{_q(define)}"
+
+
+def observations_define(input_name: str) -> str:
+    """The define listing a lab input's results on record, newest first (its question's contextExpression)."""
+    return f"{input_name} observations"
+
+
 def value_set_specs(policy: Policy, mappings: Mappings) -> tuple[ValueSetSpec, ...]:
     """The ValueSets the library declares, in declaration order."""
     return _build(policy, mappings).value_sets
@@ -298,6 +323,7 @@ def _write(policy: Policy, mappings: Mappings) -> _Library:
         spec_input = mappings.inputs[name]
         w.blocks.append(_comment(f"--- {name} ({spec_input.kind}): {spec_input.display}"))
         _KIND_WRITERS[spec_input.kind](w, spec_input, use)
+    _form_context(w, policy, mappings)
     name = library_name(policy)
     value_sets = tuple(w.value_sets[k] for k in sorted(w.value_sets))
     body = _body(policy, w, value_sets)
@@ -787,8 +813,41 @@ def _results(w: _Writer, spec_input: InputDef, extra: str) -> None:
     else:
         chosen = f"First({results})"
     what = {"latest": "the latest", "previous": "the one before the latest", "lowest": "the lowest (by value)"}
+    w.define(
+        observations_define(name),
+        f"{results} R return all R.observation",
+        "The input's results on record, newest first: what the clinician should see beside the question.",
+    )
     w.define(f"{name} result", chosen, f"The result the input reads: {what.get(pick, 'the highest (by value)')}.")
     w.define(f"{name} date", f"{_q(name + ' result')}.observed", "The day the result was taken.", out="date")
+
+
+def _form_context(w: _Writer, policy: Policy, mappings: Mappings) -> None:
+    """What a form reads beside the answers: the order it documents (its population context) and, per product, the
+    indications the record points to (the indication question's candidates)."""
+    w.blocks.append(_comment("--- the form's context"))
+    w.define(
+        ORDER_DEFINE,
+        _ORDER,
+        "The order the form documents (the client passes it in context): every form's population context.",
+        out="MedicationRequest",
+    )
+    defined = uses(policy, mappings)
+    for product in policy.products:
+        codes = []
+        for ind in product.indications:
+            named = evidence_inputs(ind, defined)
+            if named:
+                test = " or ".join(f"{_q(n)} is true" for n in named)
+                codes.append(f"if {test} then Code {{ code: {_s(ind.id)}, display: {_s(ind.title)} }} else null")
+        if codes:
+            listed = ",\n    ".join(codes)
+            w.define(
+                suggested_define(product),
+                f"(List<System.Code> {{\n    {listed}\n  }}) C where C is not null",
+                "The indications (criterion ids) whose diagnosis is on record or suggested by it (a partial code): the "
+                "indication question's candidates.",
+            )
 
 
 def _stale(name: str, window: int | None) -> str:

@@ -4,7 +4,10 @@ One Questionnaire per determination, conforming to the DTR standard questionnair
 ``item.code`` is the policy criterion it answers (``/fhir/CodeSystem/policy-criteria``), the indication question's
 options are coded with the indications' criterion ids, and each indication's criteria sit behind its choice
 (``enableWhen``). Items the record can prepopulate carry a CQL ``initialExpression`` into the policy's library
-(``"Library".Define``, :mod:`cds.dtr.cql`); the form closes with a signed attestation.
+(``"Library".Define``, :mod:`cds.dtr.cql`), a laboratory question a ``contextExpression`` listing the results on
+record, the indication question a ``candidateExpression`` (the indications the record points to, also the form's
+``variable`` ``suggestedIndications``); the form's ``itemPopulationContext`` is the order it documents (the
+library's ``"Order"``). The form closes with a signed attestation.
 
 A Questionnaire holds no patient data: its content depends only on the policy version and the open criteria, and
 its id is a hash of that content, so the same open criteria always give the same canonical. What the record
@@ -20,8 +23,16 @@ from datetime import date
 from typing import Any
 
 from cds import constants
+from cds.dtr import cql
 from policies.model import Policy, Product
 from policies.questions import Question
+
+SDC_CANDIDATE_EXPRESSION = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-candidateExpression"
+SDC_CONTEXT_EXPRESSION = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-contextExpression"
+SDC_POPULATION_CONTEXT = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-itemPopulationContext"
+VARIABLE = "http://hl7.org/fhir/StructureDefinition/variable"
+ORDER_VARIABLE = "order"
+SUGGESTED_VARIABLE = "suggestedIndications"
 
 ATTESTATION_TEXT = (
     "I attest that the answers above are accurate and are supported by the patient's medical record, "
@@ -51,7 +62,20 @@ def criterion_code(link_id: str) -> str:
     return link_id.removesuffix(".birthdate") + ".dosing" if link_id.endswith(".birthdate") else link_id
 
 
-def _item(q: Question, criteria_system: str, expression: Callable[[str], str | None]) -> dict[str, Any]:
+def _cql(url: str, expression: str, name: str | None = None) -> dict[str, Any]:
+    value: dict[str, Any] = {"language": "text/cql", "expression": expression}
+    if name:
+        value = {"name": name, **value}
+    return {"url": url, "valueExpression": value}
+
+
+def _item(
+    q: Question,
+    criteria_system: str,
+    expression: Callable[[str], str | None],
+    policy: Policy,
+    candidates: str | None,
+) -> dict[str, Any]:
     item: dict[str, Any] = {
         "linkId": q.link_id,
         "code": [
@@ -70,11 +94,17 @@ def _item(q: Question, criteria_system: str, expression: Callable[[str], str | N
                 "valueCoding": {"system": constants.UCUM, "code": q.unit, "display": q.unit},
             }
         )
-    cql = expression(q.input) if q.input else None
-    if cql:
-        extensions.append(
-            {"url": constants.SDC_INITIAL_EXPRESSION, "valueExpression": {"language": "text/cql", "expression": cql}}
-        )
+    initial = expression(q.input) if q.input else None
+    if initial:
+        extensions.append(_cql(constants.SDC_INITIAL_EXPRESSION, initial))
+        if q.input and _reads_results(q, initial):
+            # a laboratory question: the results on record, for the clinician to see beside it
+            extensions.append(
+                _cql(SDC_CONTEXT_EXPRESSION, cql.qualified(policy, cql.observations_define(q.input)), "results")
+            )
+    if candidates and q.type == "choice" and not q.input:
+        # the indication question: the indications the record points to, for the client to offer first
+        extensions.append(_cql(SDC_CANDIDATE_EXPRESSION, candidates))
     if extensions:
         item["extension"] = extensions
     if q.type == "choice":
@@ -98,6 +128,21 @@ def _item(q: Question, criteria_system: str, expression: Callable[[str], str | N
     if help_text:
         item["item"] = [_help(q.link_id, help_text)]
     return item
+
+
+def _reads_results(q: Question, initial: str) -> bool:
+    """Whether the question's input is a laboratory result (its library defines ``"<input> observations"``): a
+    value (quantity), a coded result (a choice with an input) or a value tested against its range."""
+    return q.type in ("quantity", "choice") or initial.endswith(' below range"')
+
+
+def _candidates(policy: Policy, product: Product, expression: Callable[[str], str | None]) -> str | None:
+    """The CQL listing the product's indications the record points to (None when no indication names a diagnosis
+    the library defines)."""
+    defined = {n.input for ind in product.indications for n in ind.diagnosis.walk() if n.input and expression(n.input)}
+    if not any(cql.evidence_inputs(ind, defined) for ind in product.indications):
+        return None
+    return cql.qualified(policy, cql.suggested_define(product))
 
 
 def option_system(q: Question, criteria_system: str) -> str:
@@ -134,7 +179,8 @@ def build(
         }
     ]
     items.extend({"linkId": s.id, "prefix": s.id, "type": "display", "text": s.text} for s in product.statements)
-    items.extend(_item(q, criteria_system, expression) for q in questions)
+    candidates = _candidates(policy, product, expression) if library else None
+    items.extend(_item(q, criteria_system, expression, policy, candidates) for q in questions)
     items.append(_attestation())
     extensions: list[dict[str, Any]] = [
         {
@@ -145,6 +191,15 @@ def build(
                 {"url": "description", "valueString": "The patient the order is for"},
             ],
         },
+        *(
+            [
+                # the order the form documents: every answer is about it (DTR clients pass it in context)
+                _cql(SDC_POPULATION_CONTEXT, cql.qualified(policy, cql.ORDER_DEFINE), ORDER_VARIABLE),
+            ]
+            if library
+            else []
+        ),
+        *([_cql(VARIABLE, candidates, SUGGESTED_VARIABLE)] if candidates else []),
         {
             "url": constants.SIGNATURE_REQUIRED,
             "valueCodeableConcept": {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cds import authorizations, constants
-from cds.crd.assess import patient_key  # the key CRD gives the patient: one PA serves CRD, DTR and PAS
+from cds.crd.assess import drug_inputs, patient_key  # the key CRD gives the patient: one PA serves CRD, DTR and PAS
 from cds.crd.coverage_info import CoverageInfo, Reason, billing_codes
 from cds.dtr import answers, forms, library, valuesets
 from cds.dtr.publish import publish
@@ -122,7 +122,7 @@ def bundle(
     shape = shape or str(rt.config["dtr_version"])
     response = _shaped(draft, shape)
     entries: list[dict[str, Any]] = [
-        {"fullUrl": questionnaire["url"], "resource": questionnaire},
+        {"fullUrl": questionnaire["url"], "resource": shaped_form(questionnaire, shape)},
         {"fullUrl": f"urn:uuid:{rt.new_id()}", "resource": response},
     ]
     for resource in [*library.libraries(policy, rt.mappings), *valuesets.value_sets(policy, rt.mappings)]:
@@ -135,6 +135,22 @@ def bundle(
         "entry": entries,
     }
     return out
+
+
+def shaped_form(questionnaire: Mapping[str, Any], shape: str) -> dict[str, Any]:
+    """The Questionnaire in the requested DTR shape: 2.2.0 as made (its cqf-library names the library version,
+    DTR §oper-16); 2.0.1 names the library by its url alone, as Inferno's DTR payer suite matches it to a
+    packaged ``Library.url`` (the package carries exactly one version of it)."""
+    form = dict(questionnaire)
+    if shape != "2.0.1":
+        return form
+    form["extension"] = [
+        {**e, "valueCanonical": str(e["valueCanonical"]).split("|", 1)[0]}
+        if e.get("url") == constants.CQF_LIBRARY and "valueCanonical" in e
+        else e
+        for e in form.get("extension") or ()
+    ]
+    return form
 
 
 def _shaped(draft: Mapping[str, Any], shape: str) -> dict[str, Any]:
@@ -427,13 +443,7 @@ def standalone(
     for order in orders:
         if order.get("resourceType") != "MedicationRequest":
             continue
-        codings = medication_codings(order, (), rt.mappings.product_names)
-        inputs = frozenset(
-            row.input
-            for c in codings
-            for row in rt.mappings.lookup(c.get("system"), c.get("code"))
-            if rt.mappings.inputs[row.input].kind == "drug"
-        )
+        inputs = drug_inputs(rt, medication_codings(order, (), rt.mappings.product_names))
         match = rt.policies.find(payer.policies, inputs)
         if match is None:
             continue
