@@ -42,6 +42,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
+from cds import migrate
+
 log = logging.getLogger("cds.store")
 metadata = MetaData()
 
@@ -362,10 +364,9 @@ class Store:
         return engine
 
     def init(self) -> None:
-        """Create what is missing. ``create_all`` leaves an existing table as it is, indexes included, so the unique
-        index on the authorization reuse key (added after the first release) is created here when it is missing."""
-        metadata.create_all(self.engine)
-        reuse_index.create(self.engine, checkfirst=True)
+        """Bring the database to the current schema (:func:`cds.migrate.upgrade`: an existing one keeps its data)."""
+        migrate.upgrade(self.engine, reuse_index)
+        metadata.create_all(self.engine)  # TRANSITIONAL: tables whose migration is being written; removed with it
 
     def dispose(self) -> None:
         if self._engine is not None:

@@ -108,10 +108,12 @@ def test_an_issue_reuses_the_valid_one_and_replaces_a_lapsed_or_revoked_one(stor
 
 
 def test_an_existing_database_gets_the_index_and_keeps_its_old_rows(store: Store) -> None:
-    """A database made before the reuse key: no unique index, and (from the old race, or an expired authorization
-    and its successor) several active rows under one old key, whose policy is the bare id."""
+    """A database made before the reuse key: no unique index, no migrations record (those releases predate both),
+    and (from the old race, or an expired authorization and its successor) several active rows under one old key,
+    whose policy is the bare id."""
     with store.engine.begin() as conn:
         reuse_index.drop(conn)
+        conn.execute(text("DROP TABLE alembic_version"))
         for n in (1, 2):
             old = pa(f"OLD-{n}", policy="cigna-ip0356")
             conn.execute(insert(prior_auths).values(**{**old.__dict__, "created_at": NOW}))
