@@ -37,8 +37,10 @@ def order_request() -> dict[str, Any]:
     return hook_request([med_order(**SMALL_DOSE)], conditions=[condition("D68.2")])
 
 
-def packages(client: FlaskClient, *, canonical: str | None = None) -> dict[str, Any]:
-    resp = post_hook(client, order_request())
+def packages(
+    client: FlaskClient, *, canonical: str | None = None, request: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    resp = post_hook(client, request or order_request())
     assert resp.status_code == 200, resp.get_data(as_text=True)
     info = coverage_info(resp.get_json()["systemActions"][0]["resource"])
     params: list[dict[str, Any]] = [
@@ -279,6 +281,23 @@ def test_adaptive_next_questionnaires_have_initial_and_context_expressions(adapt
     forms = contained(adaptive_run[1])
     for url in (INITIAL, CONTEXT):
         assert [e for q in forms for e in item_extensions(q, url, top=True)], url
+
+
+def test_an_adaptive_run_that_asks_a_lab_carries_initial_and_context_expressions(
+    make_app: Callable[..., Flask],
+) -> None:
+    """adaptive_next_questionnaire_expressions_test.rb, for a record that leaves a laboratory criterion open:
+    hemophilia A (D66) with no inhibitor titer on record. The first ``$next-question`` asks IP0356-4's criteria; the
+    titer items carry the library's initialExpression and the results on record as contextExpression, text/cql."""
+    client = make_app(dtr_version="2.0.1", dtr_adaptive=True).test_client()
+    request = hook_request([med_order(**SMALL_DOSE)], conditions=[condition("D66")])
+    qr = of_type(bundles(packages(client, request=request)), "QuestionnaireResponse")[0]
+    forms = contained([step(client, qr)])
+    asked = [i["linkId"] for q in forms for i in q.get("item", [])]
+    assert "IP0356-4A.i" in asked, asked
+    for url in (INITIAL, CONTEXT):
+        exts = [e for q in forms for e in item_extensions(q, url, top=True)]
+        assert exts and all(e["valueExpression"]["language"] == "text/cql" for e in exts), url
 
 
 def test_adaptive_run_completes(adaptive_run: Any) -> None:
