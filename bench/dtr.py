@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Target, closed_loop, free_port, open_loop, serve, table
+from harness import Target, client_key, closed_loop, config_file, free_port, open_loop, serve, table
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = ROOT / "fixtures" / "requests" / "order-sign-factor-vii-deficiency.json"
@@ -54,7 +54,11 @@ def hook_token(key: ec.EllipticCurvePrivateKey, aud: str) -> str:
     )
 
 
-def access_token(key: ec.EllipticCurvePrivateKey, base: str) -> str:
+def access_token(
+    key: ec.EllipticCurvePrivateKey,
+    base: str,
+    scope: str = "system/Questionnaire.rs system/Library.rs system/ValueSet.rs system/QuestionnaireResponse.cu",
+) -> str:
     now = int(time.time())
     assertion = jwt.encode(
         {"iss": ISS, "sub": ISS, "aud": f"{base}/auth/token", "exp": now + 240, "jti": secrets.token_hex(16)},
@@ -65,7 +69,7 @@ def access_token(key: ec.EllipticCurvePrivateKey, base: str) -> str:
     form = urllib.parse.urlencode(
         {
             "grant_type": "client_credentials",
-            "scope": "system/Questionnaire.rs system/Library.rs system/ValueSet.rs system/QuestionnaireResponse.cu",
+            "scope": scope,
             "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             "client_assertion": assertion,
         }
@@ -123,19 +127,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="threads per worker (default 8, as cds serve)")
     args = parser.parse_args()
 
-    key = ec.generate_private_key(ec.SECP384R1())
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
-    jwk.update({"kid": "bench", "alg": "ES384", "use": "sig"})
+    key, jwk = client_key()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     submits = int(args.rate * args.seconds)
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "bench.toml"
-        config.write_text(
-            f'data_dir = "{tmp}/data"\nworkers = {args.workers}\nthreads = {args.threads}\n'
-            f'bench_echo = true\nlog_level = "WARNING"\ndemo_client = false\n'
-            f"[[clients]]\niss = \"{ISS}\"\njwks = '{json.dumps({'keys': [jwk]})}'\n"
-        )
+        config = config_file(tmp, workers=args.workers, threads=args.threads, iss=ISS, jwk=jwk)
         server = serve(ROOT, config, port)
         try:
             print(f"signing {submits + 2} orders for their assertions ...", flush=True)

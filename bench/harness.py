@@ -7,6 +7,7 @@ server cannot hide its queue (no coordinated omission). Closed loop: N connectio
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import statistics
@@ -16,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
 
 
 def free_port() -> int:
@@ -155,6 +157,29 @@ def summary(latencies: list[float], errors: int, seconds: float) -> dict[str, fl
         "p99": q[98],
         "max": ms[-1],
     }
+
+
+def client_key(kid: str = "bench") -> tuple[Any, dict[str, Any]]:
+    """The bench client's ES384 signing key and its public JWK (for ``[[clients]]``)."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": kid, "alg": "ES384", "use": "sig"})
+    return key, jwk
+
+
+def config_file(tmp: str, *, workers: int, threads: int, iss: str, jwk: dict[str, Any], extra: str = "") -> Path:
+    """A `cds serve` configuration for a benchmark: its own data directory, the echo route on, quiet logs, no demo
+    client, the bench client trusted; ``extra`` is more TOML (top-level keys first, then tables)."""
+    config = Path(tmp) / "bench.toml"
+    config.write_text(
+        f'data_dir = "{tmp}/data"\nworkers = {workers}\nthreads = {threads}\n'
+        f'bench_echo = true\nlog_level = "WARNING"\ndemo_client = false\n{extra}'
+        f"[[clients]]\niss = \"{iss}\"\njwks = '{json.dumps({'keys': [jwk]})}'\n"
+    )
+    return config
 
 
 def serve(root: Path, config: Path, port: int) -> subprocess.Popen[bytes]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Target, closed_loop, free_port, open_loop, serve, table
+from harness import Target, client_key, closed_loop, config_file, free_port, open_loop, serve, table
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = ROOT / "fixtures" / "requests" / "order-sign-acquired-hemophilia.json"
@@ -58,13 +58,10 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    key = ec.generate_private_key(ec.SECP384R1())
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
-    jwk.update({"kid": "bench", "alg": "ES384", "use": "sig"})
+    key, jwk = client_key()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "bench.toml"
         only = ""
         if args.only:  # a policy directory with just these folders, and the Cigna payer naming them
             for name in args.only:
@@ -74,11 +71,7 @@ def main() -> int:
                 f'identifier_system = "urn:cds:payer-id"\nidentifier_value = "cigna"\n'
                 f"policies = {json.dumps([n for n in args.only if n.startswith('cigna')])}\n"
             )
-        config.write_text(
-            f'data_dir = "{tmp}/data"\nworkers = {args.workers}\nthreads = {args.threads}\n'
-            f'bench_echo = true\nlog_level = "WARNING"\ndemo_client = false\n{only}'
-            f"[[clients]]\niss = \"{ISS}\"\njwks = '{json.dumps({'keys': [jwk]})}'\n"
-        )
+        config = config_file(tmp, workers=args.workers, threads=args.threads, iss=ISS, jwk=jwk, extra=only)
         server = serve(ROOT, config, port)
         try:
             request = json.loads(REQUEST.read_text())

@@ -26,6 +26,8 @@ from cds.demo import demo_client
 from cds.dtr import http as dtr_http
 from cds.dtr import page as dtr_page
 from cds.errors import CdsError, ConfigError, status_error, to_operation_outcome
+from cds.pas import http as pas_http
+from cds.pas import review, subscriptions_http
 from cds.payers import PayerRegistry
 from cds.runtime import Runtime, random_id, random_pa_id, utc_now
 from cds.store import Store
@@ -106,6 +108,9 @@ def create_app(
     app.register_blueprint(smart.bp)
     app.register_blueprint(dtr_http.bp)
     app.register_blueprint(dtr_page.bp)
+    app.register_blueprint(pas_http.bp)
+    app.register_blueprint(review.bp)
+    app.register_blueprint(subscriptions_http.bp)
     _register_errors(app)
     return app
 

@@ -45,6 +45,8 @@ class TrustedClient:
     tenant: str | None = None
     fhir_servers: tuple[str, ...] = field(default=())  # FHIR base URLs it may name in fhirServer
     scopes: tuple[str, ...] | None = None  # SMART scopes it may be granted at /auth/token; None: all offered
+    # the sending-system ids (PAS org-identifier, X12 ISA06) whose notifications it may subscribe to
+    org_identifiers: tuple[str, ...] = field(default=())
 
 
 def fetch_jwks(url: str) -> Mapping[str, Any]:
@@ -278,4 +280,5 @@ def client_from_config(raw: Mapping[str, Any]) -> TrustedClient:
         tenant=raw.get("tenant"),
         fhir_servers=tuple(servers),
         scopes=None if scopes is None else tuple(scopes),
+        org_identifiers=tuple(str(x) for x in raw.get("org_identifiers") or ()),
     )

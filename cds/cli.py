@@ -120,6 +120,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reviewer_hash(args: argparse.Namespace) -> int:
+    from cds.pas.reviewers import hash_password
+
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("cds: give the password on stdin (one line)", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     csub.add_parser("check", help="report CQL or ELM that no longer matches the data (exit 1)").set_defaults(
         func=cmd_cql
+    )
+    p = sub.add_parser("reviewer", help="clinical reviewer accounts (the reviewers setting)")
+    rsub = p.add_subparsers(dest="reviewer_command", required=True)
+    rsub.add_parser("hash", help="read a password from stdin, print its hash for password_hash").set_defaults(
+        func=cmd_reviewer_hash
     )
     p = sub.add_parser("evaluate", help="print the determination for an offline hook request")
     p.add_argument("request", help="a CDS Hooks request JSON file with full prefetch")

@@ -79,7 +79,8 @@ SETTINGS: tuple[Setting, ...] = (
         "clients",
         [],
         "Trusted CDS clients: list of tables with `iss` and `jwks_url` or inline `jwks`; optional `scopes`, the SMART "
-        "scopes the client may be granted at `/auth/token` (default: every scope offered).",
+        "scopes the client may be granted at `/auth/token` (default: every scope offered); optional "
+        "`org_identifiers`, the PAS sending-system ids whose notifications it may subscribe to (default: none).",
     ),
     Setting("jwt_max_age", 3600, "Seconds a token's `iat` may lie in the past (a `jti` is remembered until `exp`)."),
     Setting("jwt_leeway", 60, "Clock skew tolerated on `exp` and `iat`, in seconds."),
@@ -125,6 +126,31 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         "`$questionnaire-package` returns adaptive forms (an empty `dtr-questionnaire-adapt-search` Questionnaire, "
         "answered through `Questionnaire/$next-question`) instead of the standard ones.",
+    ),
+    Setting(
+        "reviewers",
+        [],
+        "Clinical reviewers who may sign in to `/review`: list of tables with `username`, `name` and `password_hash` "
+        "(scrypt or pbkdf2, made by `cds reviewer hash`).",
+    ),
+    Setting("review_session_seconds", 28800, "Lifetime of a reviewer's session from sign-in, however active."),
+    Setting(
+        "notify_delivery",
+        True,
+        "Run the PAS notification delivery worker (a thread in each `cds serve` worker process) that sends the "
+        "outbox: Subscription handshakes and event notifications.",
+    ),
+    Setting("notify_poll_seconds", 1.0, "Seconds the delivery worker waits between looks at the outbox when idle."),
+    Setting(
+        "notify_max_attempts",
+        12,
+        "Attempts to deliver one notification (exponential backoff with jitter, 2 s doubling up to 10 min) before "
+        "it is given up and its subscription set to `error`.",
+    ),
+    Setting(
+        "notify_timeout_seconds",
+        5.0,
+        "Seconds one notification POST may take in all (connect, send, answer); the connection is cut after.",
     ),
     Setting("bench_echo", False, "Expose `POST /_echo`, a trivial JSON echo route the benchmark compares against."),
     Setting("log_level", "INFO", "Python logging level. Logs never carry patient data or tokens."),
@@ -236,6 +262,9 @@ def _check_clients(clients: list[Any]) -> None:
             raise ConfigError(f"{where}: client '{client['iss']}' needs 'jwks_url' or 'jwks'")
         if "fhir_servers" in client:
             _check_servers(f"{where}.fhir_servers", client["fhir_servers"])
+        orgs = client.get("org_identifiers")
+        if orgs is not None and not (isinstance(orgs, list) and all(isinstance(x, str) and x for x in orgs)):
+            raise ConfigError(f"{where}.org_identifiers: must be a list of sending-system ids (strings)")
         scopes = client.get("scopes")
         if scopes is not None and not (isinstance(scopes, list) and all(_is_scope(x) for x in scopes)):
             raise ConfigError(f"{where}.scopes: must be a list of SMART system scopes, e.g. 'system/Questionnaire.rs'")

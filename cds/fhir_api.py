@@ -8,17 +8,27 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from cds import constants
-from cds.errors import NotFound
+from cds import constants, jsonsafe
+from cds.errors import NotFound, UnsupportedMedia
 from cds.runtime import Runtime
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 FHIR_JSON = "application/fhir+json"
 
 
-def _rt() -> Runtime:
+def runtime() -> Runtime:
+    """The runtime of the app serving this request (every /fhir edge uses it)."""
     rt: Runtime = current_app.extensions["cds"]
     return rt
+
+
+def fhir_body() -> Any:
+    """The request's JSON body, for the FHIR endpoints: FHIR JSON (or plain JSON) only, bounded and parsed strictly
+    (:func:`cds.jsonsafe.loads`); anything else is a 415 or 400 OperationOutcome."""
+    ctype = request.mimetype
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMedia(f"Send FHIR JSON (application/fhir+json), not {ctype}")
+    return jsonsafe.loads(request.get_data(), source="The request body")
 
 
 def fhir_response(body: Any, status: int = 200) -> Response:
@@ -29,6 +39,10 @@ DTR_IG = "http://hl7.org/fhir/us/davinci-dtr/ImplementationGuide/hl7.fhir.us.dav
 DTR_PAYER_CAPABILITY = "http://hl7.org/fhir/us/davinci-dtr/CapabilityStatement/dtr-payer-service"
 DTR_OPERATIONS = "http://hl7.org/fhir/us/davinci-dtr/OperationDefinition/"
 SDC_NEXT_QUESTION = "http://hl7.org/fhir/uv/sdc/OperationDefinition/Questionnaire-next-question"
+PAS_TOPIC = "http://hl7.org/fhir/us/davinci-pas/SubscriptionTopic/PASSubscriptionTopic"
+SUBSCRIPTIONS_BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/"
+SUBSCRIPTION_TOPIC_EXT = SUBSCRIPTIONS_BACKPORT + "StructureDefinition/capabilitystatement-subscriptiontopic-canonical"
+SUBSCRIPTION_STATUS_OP = SUBSCRIPTIONS_BACKPORT + "OperationDefinition/backport-subscription-status"
 
 
 def _operation(name: str, definition: str) -> dict[str, str]:
@@ -37,7 +51,7 @@ def _operation(name: str, definition: str) -> dict[str, str]:
 
 @bp.get("/metadata")
 def metadata() -> Response:
-    rt = _rt()
+    rt = runtime()
     return fhir_response(
         {
             "resourceType": "CapabilityStatement",
@@ -87,6 +101,12 @@ def metadata() -> Response:
                             ],
                         },
                         {"type": "CodeSystem", "interaction": [{"code": "read"}]},
+                        {
+                            "type": "Subscription",
+                            "extension": [{"url": SUBSCRIPTION_TOPIC_EXT, "valueCanonical": PAS_TOPIC}],
+                            "interaction": [{"code": c} for c in ("create", "read", "update", "delete")],
+                            "operation": [_operation("status", SUBSCRIPTION_STATUS_OP)],
+                        },
                     ],
                 }
             ],
@@ -96,7 +116,7 @@ def metadata() -> Response:
 
 @bp.get("/Questionnaire/<qid>")
 def questionnaire(qid: str) -> Response:
-    found = _rt().store.questionnaire(qid)
+    found = runtime().store.questionnaire(qid)
     if found is None:
         raise NotFound(f"Questionnaire/{qid} is not known here")
     return fhir_response(found)
@@ -107,7 +127,7 @@ def draft_response(assertion_id: str) -> Response:
     """The response of an assertion: the prepopulated draft, or once the form was answered, the answered response
     with the coverage-information it settled. It carries patient data, so the caller must present a CDS client JWT
     for this URL, like a hook call."""
-    rt = _rt()
+    rt = runtime()
     if rt.verifier is not None:
         rt.verifier.verify(
             request.headers.get("Authorization"), f"{rt.base_url}/fhir/QuestionnaireResponse/{assertion_id}"
@@ -122,7 +142,7 @@ def draft_response(assertion_id: str) -> Response:
 
 @bp.get("/CodeSystem/policy-criteria")
 def criteria() -> Response:
-    rt = _rt()
+    rt = runtime()
     concepts = []
     seen: set[str] = set()
     for policy in rt.policies.policies.values():

@@ -30,6 +30,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from cds.errors import CdsError, status_error, to_operation_outcome
 from cds.logsafe import clean
+from cds.pas import delivery
 
 LIMIT_REQUEST_LINE = 4094  # bytes of "METHOD target HTTP/1.1" (gunicorn's default, stated so the docs can rely on it)
 LIMIT_REQUEST_FIELDS = 100  # headers per request
@@ -118,6 +119,11 @@ class Worker(ThreadWorker):  # type: ignore[misc]
             self.log.debug("Failed to send error message.")
 
 
+def _post_worker_init(worker: Any) -> None:
+    """In each worker, after the fork: start its notification delivery thread (:mod:`cds.pas.delivery`)."""
+    delivery.start_for(worker.wsgi)
+
+
 def serve(app: Flask, host: str, port: int, workers: int, threads: int) -> None:
     """Run ``app`` under gunicorn until interrupted. The app is built once and forked (policies load once); the
     master closes its database connections first, and each worker opens its own (the Store checks the pid)."""
@@ -138,5 +144,6 @@ def serve(app: Flask, host: str, port: int, workers: int, threads: int) -> None:
             "accesslog": None,
             "errorlog": "-",
             "loglevel": "warning",
+            "post_worker_init": _post_worker_init,
         },
     ).run()

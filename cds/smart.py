@@ -41,12 +41,14 @@ bp = Blueprint("smart", __name__)
 
 TOKEN_PATH = "/auth/token"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-# what a client with no `scopes` of its own may be granted: DTR's three (PAS adds its own here)
+# what a client with no `scopes` of its own may be granted: DTR's and PAS's
 SCOPES: tuple[str, ...] = (
     "system/Questionnaire.rs",
     "system/Library.rs",
     "system/ValueSet.rs",
     "system/QuestionnaireResponse.cu",  # answered DTR forms (POST /fhir/QuestionnaireResponse)
+    "system/Subscription.cruds",  # PAS notifications (/fhir/Subscription)
+    "system/Claim.cr",  # PAS Claim/$submit (c) and Claim/$inquire (r)
 )
 ACCESS_TYP = "at+jwt"  # RFC 9068: an access token is never mistaken for another JWT
 SECRET_FILE = "token-secret"

@@ -366,7 +366,6 @@ class Store:
     def init(self) -> None:
         """Bring the database to the current schema (:func:`cds.migrate.upgrade`: an existing one keeps its data)."""
         migrate.upgrade(self.engine, reuse_index)
-        metadata.create_all(self.engine)  # TRANSITIONAL: tables whose migration is being written; removed with it
 
     def dispose(self) -> None:
         if self._engine is not None:

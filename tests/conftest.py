@@ -155,3 +155,39 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 def post_hook(client: FlaskClient, body: dict[str, Any], service: str = "order-sign", **kw: Any) -> Any:
     return client.post(f"/cds-services/{service}", json=body, **kw)
+
+
+# --- the browser tests (Debian's chromium driven by Playwright) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    import shutil
+
+    from browsing import CHROMIUM, CHROMIUM_ARGS
+
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (scripts/test)")
+    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        pytest.fail("Debian's chromium is not installed (scripts/test installs it: apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def console() -> Any:
+    from browsing import Console
+
+    return Console()
+
+
+@pytest.fixture
+def context(browser: Any, console: Any) -> Iterator[Any]:
+    from browsing import WAIT_MS
+
+    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+    ctx.set_default_timeout(WAIT_MS)
+    ctx.on("page", console.watch)
+    yield ctx
+    ctx.close()

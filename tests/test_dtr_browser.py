@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
+from browsing import Console, Page
 from builders import condition, hook_request, med_order, role
 from conftest import ClientKey
 from test_e2e import Server
@@ -26,19 +26,8 @@ pytestmark = pytest.mark.e2e
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (scripts/test)")
 expect = playwright_api.expect
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-WAIT_MS = 15_000
 INDICATION = "IP0356-MNC"
 RECORD_ANSWER = "Treatment of congenital factor VII deficiency"
-Page = Any  # playwright.sync_api.Page
 F = TypeVar("F", bound=Callable[..., None])
 SHOTS: list[Path] = []
 
@@ -73,43 +62,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, client_key: ClientKey) -> I
     s = Server(tmp_path_factory.mktemp("dtr-browser"), client_key)
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        pytest.fail("Debian's chromium is not installed (scripts/test installs it: apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-class Console:
-    """What the pages logged as errors (a CSP violation among them), and every request they made."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-
-    def watch(self, opened: Page) -> None:
-        opened.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        opened.on("pageerror", lambda e: self.errors.append(str(e)))
-        opened.on("request", lambda r: self.requests.append(f"{r.method} {r.url}"))
-
-
-@pytest.fixture
-def console() -> Console:
-    return Console()
-
-
-@pytest.fixture
-def context(browser: Any, console: Console) -> Iterator[Any]:
-    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
-    ctx.set_default_timeout(WAIT_MS)
-    ctx.on("page", console.watch)
-    yield ctx
-    ctx.close()
 
 
 def sign_order(server: Server, key: ClientKey) -> tuple[str, dict[str, Any]]:

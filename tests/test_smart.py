@@ -381,8 +381,10 @@ def test_unknown_and_unsupported_scopes_are_dropped(app: Flask, client_key: Clie
 
 def test_a_wildcard_request_is_granted_the_scopes_offered(app: Flask, client_key: ClientKey) -> None:
     body = exchange(app, assertion(client_key), "system/*.rs").get_json()
-    # every offered scope a read wildcard covers: not the write scope for answered forms
-    assert body["scope"] == " ".join(s for s in smart.SCOPES if s.endswith(".rs"))
+    # every offered scope a read wildcard covers, narrowed to reading: not the write scope for answered forms
+    assert body["scope"] == (
+        "system/Questionnaire.rs system/Library.rs system/ValueSet.rs system/Subscription.rs system/Claim.r"
+    )
     assert probe(app, body["access_token"], Q, "system/Library.rs", "system/ValueSet.rs").status_code == 200
     assert probe(app, body["access_token"], "system/QuestionnaireResponse.cu").status_code == 403
 
@@ -557,6 +559,8 @@ def test_smart_configuration(app: Flask, path: str) -> None:
         "system/Library.rs",
         "system/ValueSet.rs",
         "system/QuestionnaireResponse.cu",
+        "system/Subscription.cruds",
+        "system/Claim.cr",
     }
     assert "client-confidential-asymmetric" in body["capabilities"]
 

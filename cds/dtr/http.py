@@ -11,14 +11,13 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from cds import constants
 from cds.crd import coverage_info
-from cds.crd.hookrequest import load_json
 from cds.dtr import adaptive, service, valuesets
-from cds.errors import BusinessRule, InvalidRequest, InvalidResource, NotFound, UnsupportedMedia
-from cds.fhir_api import fhir_response
+from cds.errors import BusinessRule, InvalidRequest, InvalidResource, NotFound
+from cds.fhir_api import fhir_body, fhir_response, runtime
 from cds.logsafe import clean
 from cds.runtime import Runtime
 from cds.smart import require_scopes
@@ -28,18 +27,6 @@ bp = Blueprint("dtr_fhir", __name__, url_prefix="/fhir")
 
 READ_FORMS = ("system/Questionnaire.rs", "system/Library.rs", "system/ValueSet.rs")
 WRITE_RESPONSES = ("system/QuestionnaireResponse.cu",)
-
-
-def _rt() -> Runtime:
-    rt: Runtime = current_app.extensions["cds"]
-    return rt
-
-
-def _body() -> Any:
-    ctype = request.mimetype
-    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-        raise UnsupportedMedia(f"Send FHIR JSON (application/fhir+json), not {ctype}")
-    return load_json(request.get_data())
 
 
 def parameters(body: Any, operation: str) -> dict[str, list[Mapping[str, Any]]]:
@@ -74,10 +61,10 @@ def _instant(parts: list[Mapping[str, Any]]) -> datetime | None:
 @bp.post("/Questionnaire/$questionnaire-package")
 @bp.post("/$questionnaire-package")
 def questionnaire_package() -> Response:
-    rt = _rt()
+    rt = runtime()
     client = require_scopes(rt, *READ_FORMS)
     started, received = time.perf_counter(), rt.clock()
-    params = parameters(_body(), "$questionnaire-package")
+    params = parameters(fhir_body(), "$questionnaire-package")
     coverages = [p.get("resource") for p in params.get("coverage", ())]
     coverage = coverages[0] if coverages else None
     if not isinstance(coverage, Mapping) or coverage.get("resourceType") != "Coverage":
@@ -187,9 +174,9 @@ def _for_context(
 @bp.post("/QuestionnaireResponse")
 def questionnaire_response() -> Response:
     """A completed response (or DTR QuestionnaireResponse Bundle): it settles the assertion it documents."""
-    rt = _rt()
+    rt = runtime()
     require_scopes(rt, *WRITE_RESPONSES)
-    settled = service.submit(rt, _body(), via="fhir")
+    settled = service.submit(rt, fhir_body(), via="fhir")
     log.info("dtr response decision=%s", settled.decision)
     resp = fhir_response(settled.response, 201)
     resp.headers["Location"] = f"{rt.base_url}/fhir/QuestionnaireResponse/{settled.assertion_id}"
@@ -200,9 +187,9 @@ def questionnaire_response() -> Response:
 def log_questionnaire_errors() -> Response:
     """What a DTR client could not do with a form (DTR §oper-1): kept in the store, acknowledged. The outcomes must
     carry no patient data (§oper-2); they are stored, never logged."""
-    rt = _rt()
+    rt = runtime()
     client = require_scopes(rt, *READ_FORMS)
-    params = parameters(_body(), "$log-questionnaire-errors")
+    params = parameters(fhir_body(), "$log-questionnaire-errors")
     forms = [p.get("valueCanonical") for p in params.get("questionnaire", ())]
     outcomes = [p.get("resource") for p in params.get("operationOutcome", ())]
     if not forms or not all(isinstance(f, str) and f for f in forms):
@@ -221,10 +208,10 @@ def log_questionnaire_errors() -> Response:
 @bp.route("/ValueSet/$expand", methods=["GET", "POST"])
 def expand() -> Response:
     """Expand one of our value sets by canonical (``url``, optional ``valueSetVersion``), dated now (DTR §oper-4)."""
-    rt = _rt()
+    rt = runtime()
     require_scopes(rt, "system/ValueSet.rs")
     if request.method == "POST":
-        params = parameters(_body(), "$expand")
+        params = parameters(fhir_body(), "$expand")
         url = next((str(p.get("valueUri") or p.get("valueString") or "") for p in params.get("url", ())), "")
         version = next((str(p.get("valueString")) for p in params.get("valueSetVersion", ())), None)
     else:
@@ -257,9 +244,9 @@ def _expanded(value_set: Mapping[str, Any], now: datetime) -> dict[str, Any]:
 def next_question() -> Response:
     """The next items of an adaptive form (SDC ``$next-question``), or the completed response with the
     coverage-information; the body is the QuestionnaireResponse, bare or as the ``questionnaire-response`` part."""
-    rt = _rt()
+    rt = runtime()
     require_scopes(rt, *READ_FORMS)
     started = time.perf_counter()
-    out = adaptive.next_question(rt, _body())
+    out = adaptive.next_question(rt, fhir_body())
     log.info("dtr next-question status=%s ms=%.1f", out.get("status"), (time.perf_counter() - started) * 1000)
     return fhir_response(out)

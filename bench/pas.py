@@ -1,0 +1,178 @@
+"""Load test of PAS `Claim/$submit` over real HTTP against `cds serve`, beside a trivial JSON echo route.
+
+Starts the server as `cds serve` does (gunicorn workers, SQLite store, JWT and SMART Backend Services on), signs two
+orders through order-sign (acquired hemophilia: the record meets IP0356 and CRD issues a PA; factor VII deficiency:
+the indication is left open), gets an access token, then submits PAS request Bundles for them at a fixed rate (open
+loop, latency from the scheduled send time), every request with its own Bundle.identifier, so each one is checked,
+decided and stored (one row, one audit event) before it is answered:
+
+- auto-approved: A1 certified with the PA the CRD assertion issued;
+- pended: A4, the open criteria in processNote, queued for a reviewer.
+
+Usage: python bench/pas.py [--rate 100] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from dtr import ISS, access_token, hook_token, post
+from harness import Target, client_key, closed_loop, config_file, free_port, open_loop, serve, table
+
+ROOT = Path(__file__).resolve().parent.parent
+APPROVED = ROOT / "fixtures" / "requests" / "order-sign-acquired-hemophilia.json"
+PENDED = ROOT / "fixtures" / "requests" / "order-sign-factor-vii-deficiency.json"
+FHIR = "application/fhir+json"
+PAS = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/"
+
+
+def signed_order(key: ec.EllipticCurvePrivateKey, base: str, fixture: Path) -> tuple[dict, dict]:
+    """The order as CRD returned it (with its coverage-information), and the request's Coverage."""
+    body = json.loads(fixture.read_text())
+    body["hookInstance"] = str(uuid.uuid4())
+    aud = f"{base}/cds-services/order-sign"
+    got = post(
+        aud,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {hook_token(key, aud)}"},
+    )
+    order = copy.deepcopy(got["systemActions"][0]["resource"])
+    order["status"] = "active"
+    return order, body["prefetch"]["coverage"]["entry"][0]["resource"]
+
+
+def pas_bundle(order: dict, coverage: dict, ident: str) -> bytes:
+    """A PAS request Bundle for one NovoSeven item (J7189) whose requested service is the signed order."""
+    claim = {
+        "resourceType": "Claim",
+        "id": f"claim-{ident}",
+        "identifier": [{"system": "urn:trnorg:BENCH", "value": ident}],
+        "status": "active",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "use": "preauthorization",
+        "patient": {"reference": "Patient/pat-1"},
+        "created": "2026-12-03T10:00:00Z",
+        "insurer": {"reference": "Organization/payer-1"},
+        "provider": {"reference": "Organization/prov-1"},
+        "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": True, "coverage": {"reference": f"Coverage/{coverage['id']}"}}],
+        "item": [
+            {
+                "sequence": 1,
+                "extension": [
+                    {
+                        "url": PAS + "extension-certificationType",
+                        "valueCodeableConcept": {
+                            "coding": [{"system": "https://codesystem.x12.org/005010/1322", "code": "I"}]
+                        },
+                    },
+                    {
+                        "url": PAS + "extension-requestedService",
+                        "valueReference": {"reference": f"MedicationRequest/{order['id']}"},
+                    },
+                ],
+                "category": {"coding": [{"system": "https://codesystem.x12.org/005010/1365", "code": "1"}]},
+                "productOrService": {
+                    "coding": [{"system": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "code": "J7189"}]
+                },
+                "locationCodeableConcept": {
+                    "coding": [
+                        {"system": "https://www.cms.gov/Medicare/Coding/place-of-service-code-set", "code": "11"}
+                    ]
+                },
+                "quantity": {"value": 1},
+            }
+        ],
+    }
+    resources = [
+        {"resourceType": "Patient", "id": "pat-1", "identifier": [{"system": "urn:ehr:mrn", "value": "MRN-1"}]},
+        coverage,
+        {
+            "resourceType": "Organization",
+            "id": "payer-1",
+            "identifier": [{"system": "urn:cds:payer-id", "value": "cigna"}],
+        },
+        {
+            "resourceType": "Organization",
+            "id": "prov-1",
+            "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
+        },
+        {"resourceType": "Practitioner", "id": "pract-1"},
+        order,
+    ]
+    bundle = {
+        "resourceType": "Bundle",
+        "identifier": {"system": "urn:ehr:pas-tx", "value": ident},
+        "type": "collection",
+        "timestamp": "2026-12-03T10:00:00Z",
+        "entry": [
+            {"fullUrl": f"urn:uuid:{claim['id']}", "resource": claim},
+            *({"fullUrl": f"http://ehr.example/fhir/{r['resourceType']}/{r['id']}", "resource": r} for r in resources),
+        ],
+    }
+    return json.dumps(bundle).encode()
+
+
+def review_codes(bundle: dict) -> list[str]:
+    """The X12 306 review action of each item of a PAS response Bundle."""
+    claim_response = bundle["entry"][0]["resource"]
+    return [
+        code["code"]
+        for item in claim_response.get("item", ())
+        for adjudication in item.get("adjudication", ())
+        for action in adjudication.get("extension", ())
+        for part in action.get("extension", ())
+        if part["url"].endswith("extension-reviewActionCode")
+        for code in part["valueCodeableConcept"]["coding"]
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second (default 100)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each run (default 10)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker (default 8, as cds serve)")
+    args = parser.parse_args()
+
+    key, jwk = client_key()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    count = int(args.rate * args.seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = config_file(tmp, workers=args.workers, threads=args.threads, iss=ISS, jwk=jwk)
+        server = serve(ROOT, config, port)
+        try:
+            bearer = access_token(key, base, "system/Claim.cr")
+            rows = []
+            echo = Target("echo", "/_echo", b'{"resourceType":"Bundle"}', None)
+            closed_loop(port, echo, 2, 2)
+            rows.append((echo.name, f"open {args.rate:g}/s", open_loop(port, echo, args.rate, args.seconds)))
+            for name, fixture in (("submit A1", APPROVED), ("submit A4", PENDED)):
+                order, coverage = signed_order(key, base, fixture)
+                headers = {"Content-Type": FHIR, "Authorization": f"Bearer {bearer}"}
+                for _ in range(20):  # warm up, and show what this request is answered with
+                    answer = post(f"{base}/fhir/Claim/$submit", pas_bundle(order, coverage, uuid.uuid4().hex), headers)
+                print(f"{name}: review action {review_codes(answer)}", flush=True)
+                bodies = [pas_bundle(order, coverage, uuid.uuid4().hex) for _ in range(count)]
+                target = Target(name, "/fhir/Claim/$submit", b"", None, bearer=bearer, bodies=bodies, content_type=FHIR)
+                rows.append((name, f"open {args.rate:g}/s", open_loop(port, target, args.rate, args.seconds)))
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
+    print(
+        f"\n{args.workers} workers x {args.threads} threads; {os.cpu_count()} cores shared with this load generator\n"
+    )
+    table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
