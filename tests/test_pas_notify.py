@@ -23,7 +23,7 @@ from cds.pas.notify import outbox, subscriptions
 from cds.smart import _issue
 from cds.store import Store
 
-EXAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "examples" / "pas"
+EXAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "examples" / "pas"  # sources: fixtures/README.md
 IG_EXAMPLE = EXAMPLES / "inferno-framework_davinci-pas-test-kit__spec_fixtures_PAS_Subscription_example_v221_good.json"
 OTHER_ISS = "https://other-ehr.test/cds-client"
 FHIR = {"Content-Type": "application/fhir+json"}

@@ -15,6 +15,7 @@ from notify_receiver import Receiver, subscription
 from test_pas import claim_response, d68_2_order, pas_bundle, review_codes, signed_order, submit
 
 from cds.pas import service
+from cds.pas import store as pas_store
 from cds.pas.delivery import Delivery
 
 FHIR = "application/fhir+json"
@@ -69,6 +70,8 @@ def test_a_pended_request_is_decided_by_a_reviewer_and_the_subscriber_is_notifie
     target = next(e["resource"] for e in notification["entry"] if e.get("fullUrl") == focus["reference"])
     assert target["resourceType"] == "Bundle" and target["type"] == "collection"  # Inferno's PAS check
     assert review_codes(target) == {1: "A1"} and claim_response(target)["preAuthPeriod"]["end"] == "2027-06-30"
+    audited = [(e["kind"], e["detail"].get("outcome")) for e in pas_store.audit_for(rt, request_id)]
+    assert audited == [("submit", None), ("decision", None), ("notification", "delivered")]
 
 
 def test_a_decision_for_another_sending_system_is_not_sent_to_this_subscriber(

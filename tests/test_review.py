@@ -28,7 +28,7 @@ from cds.pas import reviewers
 from cds.pas.tables import pas_decisions
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = next((ROOT.parent / "shared" / "examples" / "pas").glob("*approval_pa_submit_request_payload.json"))
+EXAMPLE = next((ROOT / "fixtures" / "examples" / "pas").glob("*approval_pa_submit_request_payload.json"))
 UMO = {
     "id": "umo",
     "name": "UMO Example",

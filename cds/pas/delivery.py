@@ -35,6 +35,7 @@ from flask import Flask
 from sqlalchemy import select, update
 
 from cds.pas.notify import outbox, subscriptions
+from cds.pas.store import audit
 from cds.runtime import utc_now
 from cds.store import Store
 from cds.upstream import _CuttableAdapter
@@ -186,6 +187,8 @@ class Delivery:
                     .where(subscriptions.c.id == sub_id, subscriptions.c.status == "requested")
                     .values(status="active", updated_at=utc_now())
                 )
+            if done:
+                self._audit(conn, row_id, sub_id, kind, "delivered")
         if done:
             log.info("notification %s (%s) delivered for subscription %s", row_id, kind, sub_id)
         else:
@@ -206,6 +209,7 @@ class Delivery:
                     .where(subscriptions.c.id == sub_id, subscriptions.c.status.in_(("requested", "active")))
                     .values(status="error", updated_at=utc_now())
                 )
+                self._audit(conn, row_id, sub_id, "notification", "given up", attempts=attempts)
         if not held:
             log.warning("notification %s: attempt %s ended after its lease (%s)", row_id, attempts, error)
         elif final:
@@ -213,6 +217,19 @@ class Delivery:
             log.warning("subscription %s is in error", sub_id)
         else:
             log.info("notification %s attempt %s failed (%s); retried later", row_id, attempts, error)
+
+    def _audit(self, conn: Any, row_id: int, sub_id: str, kind: str, outcome: str, **more: Any) -> None:
+        """The audit event of a notification's fate (delivered, given up), about the PAS request it concerns; in
+        the transaction that records it on the outbox row."""
+        request_id = conn.execute(select(outbox.c.request_id).where(outbox.c.id == row_id)).scalar()
+        audit(
+            conn,
+            kind="notification",
+            actor="delivery",
+            subject=request_id,
+            at=self.clock(),
+            detail={"outbox": row_id, "subscription": sub_id, "kind": kind, "outcome": outcome, **more},
+        )
 
     def _give_up(self, row_id: int, until: datetime, why: str) -> None:
         with self.store.engine.begin() as conn:
