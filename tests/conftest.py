@@ -165,8 +165,8 @@ def browser() -> Iterator[Any]:
     import shutil
 
     from browsing import CHROMIUM, CHROMIUM_ARGS
+    from playwright import sync_api as playwright_api  # a dev dependency: missing, the browser tests fail
 
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (scripts/test)")
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
         pytest.fail("Debian's chromium is not installed (scripts/test installs it: apt-get install chromium)")
     with playwright_api.sync_playwright() as p:

@@ -20,11 +20,11 @@ import requests
 from browsing import Console, Page
 from builders import condition, hook_request, med_order, role
 from conftest import ClientKey
+from playwright import sync_api as playwright_api
 from test_e2e import Server
 
 pytestmark = pytest.mark.e2e
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (scripts/test)")
-expect = playwright_api.expect
+expect = playwright_api.expect  # playwright is a dev dependency: missing, the tests fail rather than skip
 
 INDICATION = "IP0356-MNC"
 RECORD_ANSWER = "Treatment of congenital factor VII deficiency"

@@ -13,6 +13,7 @@ import pytest
 import requests
 from browsing import Console
 from conftest import ClientKey
+from playwright import sync_api as playwright_api
 from test_dtr_browser import SHOTS, evidence_on_failure
 from test_e2e import Server
 from test_review import PASSWORD, UMO, pas_request, reviewer_accounts
@@ -20,8 +21,7 @@ from test_review import PASSWORD, UMO, pas_request, reviewer_accounts
 from cds.config import DEFAULT_PAYERS
 
 pytestmark = pytest.mark.e2e
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (scripts/test)")
-expect = playwright_api.expect
+expect = playwright_api.expect  # playwright is a dev dependency: missing, the tests fail rather than skip
 
 
 @pytest.fixture(scope="module")
