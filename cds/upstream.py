@@ -48,7 +48,7 @@ def _tracked(base: type[HTTPConnectionPool], seen: weakref.WeakSet[Any]) -> type
     return Tracked
 
 
-class _CuttableAdapter(HTTPAdapter):
+class CuttableAdapter(HTTPAdapter):
     """An adapter that remembers the connections it hands out, so that :meth:`cut` can end reads in flight."""
 
     def __init__(self) -> None:
@@ -90,7 +90,7 @@ class Reader:
         self.deadline = time.monotonic() + budget_seconds
         self.max_bytes = max_bytes
         self._headers = {"Accept-Encoding": "identity", **(headers or {})}
-        self._adapter: _CuttableAdapter | None = None
+        self._adapter: CuttableAdapter | None = None
         self._session: requests.Session | None = None  # made on the first read: most calls read nothing
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
@@ -102,7 +102,7 @@ class Reader:
     def _connect(self) -> requests.Session:
         with self._lock:
             if self._session is None:
-                self._adapter = _CuttableAdapter()
+                self._adapter = CuttableAdapter()
                 self._session = requests.Session()
                 self._session.mount("http://", self._adapter)
                 self._session.mount("https://", self._adapter)

@@ -245,7 +245,7 @@ def submit(assertion_id: str) -> Response:
 # -- static files ----------------------------------------------------------------------------------------------------
 
 
-def _file(path: Path, mimetype: str, cache_control: str) -> Response:
+def static_file(path: Path, mimetype: str, cache_control: str) -> Response:
     """A file streamed from disk (main.js is 1.8 MB), with an ETag and If-None-Match / Range handling."""
     resp = send_file(path, mimetype=mimetype, conditional=True, etag=True)
     resp.headers["Cache-Control"] = cache_control
@@ -263,7 +263,7 @@ def lforms(path: str) -> Response:
     target = Path(joined).resolve()
     if not target.is_relative_to(LFORMS_DIR.resolve()) or not target.is_file():
         raise NotFound(f"No form library file '{path}' here")
-    return _file(target, LFORMS_TYPES[suffix], LONG_CACHE)
+    return static_file(target, LFORMS_TYPES[suffix], LONG_CACHE)
 
 
 @bp.get("/dtr/assets/<name>")
@@ -273,4 +273,4 @@ def asset(name: str) -> Response:
     if mimetype is None:
         raise NotFound(f"No asset '{name}' here")
     # revalidated (ETag) rather than cached for long: a deployment changes them without renaming
-    return _file(STATIC_DIR / name, mimetype, "no-cache")
+    return static_file(STATIC_DIR / name, mimetype, "no-cache")

@@ -38,7 +38,7 @@ from cds.pas.notify import outbox, subscriptions
 from cds.pas.store import audit
 from cds.runtime import utc_now
 from cds.store import Store
-from cds.upstream import _CuttableAdapter
+from cds.upstream import CuttableAdapter
 
 log = logging.getLogger("cds.pas.delivery")
 
@@ -243,7 +243,7 @@ class Delivery:
     # --- the POST --------------------------------------------------------------------------------------------------
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
         """Send once within the deadline; None on a 2xx answer, else what went wrong (safe to store and log)."""
-        adapter = _CuttableAdapter()
+        adapter = CuttableAdapter()
         session = requests.Session()
         session.trust_env = False
         session.mount("http://", adapter)

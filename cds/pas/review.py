@@ -31,6 +31,7 @@ from flask import Blueprint, Response, current_app, render_template, request, ur
 from flask.sansio.blueprints import BlueprintSetupState
 
 from cds import jsonsafe
+from cds.dtr.page import static_file
 from cds.errors import (
     CdsError,
     ClientError,
@@ -507,9 +508,7 @@ def _error(exc: CdsError) -> Response:
 # --- static files -------------------------------------------------------------------------------------------------
 @bp.get("/assets/<name>")
 def asset(name: str) -> Response:
-    from cds.dtr.page import _file
-
     mimetype = OWN_ASSETS.get(name)
     if mimetype is None:
         raise NotFound(f"No asset '{name}' here")
-    return _file(STATIC_DIR / name, mimetype, "no-cache")
+    return static_file(STATIC_DIR / name, mimetype, "no-cache")
