@@ -16,7 +16,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestURITooLarge
 
-from cds import fhir_api, pages, smart
+from cds import fhir_api, headers, health, pages, smart
 from cds.auth import Verifier, client_from_config, fetch_jwks
 from cds.config import Config, load_config
 from cds.crd import hooks
@@ -111,6 +111,8 @@ def create_app(
     app.register_blueprint(pas_http.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(subscriptions_http.bp)
+    app.register_blueprint(health.bp)
+    headers.register(app)
     _register_errors(app)
     return app
 

@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg["demo_client"] and cfg["auth_required"]:
         print(
             "cds: demo client on. Call a service with a demo token:\n"
-            f"  TOKEN=$(cds token order-sign)\n"
+            f"  TOKEN=$(cds token order-sign --base-url {base})\n"
             f"  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
             f"-d @fixtures/requests/order-sign-acquired-hemophilia.json {base}/cds-services/order-sign",
             flush=True,
@@ -46,7 +46,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     from cds.demo import mint
 
-    cfg = _config({})
+    cfg = _config({"host": args.host, "port": args.port})
+    if (args.host or args.port) and not args.base_url and cfg["base_url"]:
+        print(
+            f"cds: base_url is set ({cfg.base_url}), so the audience follows it, not --host/--port "
+            "(as `cds serve` does)",
+            file=sys.stderr,
+        )
     base = (args.base_url or cfg.base_url).rstrip("/")
     if args.access:
         from cds.demo import access_token
@@ -143,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("service", nargs="?", help="service id (audience {base_url}/cds-services/{service})")
     p.add_argument("--aud", help="explicit audience URL")
     p.add_argument("--lifetime", type=int, default=300, help="seconds until exp (default 300)")
-    p.add_argument("--base-url", help="the service's base URL (default: the configuration's base_url)")
+    p.add_argument(
+        "--base-url", help="the service's base URL (default: the configuration's base_url, or http://{host}:{port})"
+    )
+    p.add_argument("--host", help="the address the service was started on (`cds serve --host`), when base_url is unset")
+    p.add_argument("--port", type=int, help="the port the service was started on (`cds serve --port`), ditto")
     p.add_argument(
         "--access", action="store_true", help="get a SMART access token from {base_url}/auth/token of the service"
     )

@@ -64,3 +64,17 @@ def test_the_console_script_is_installed() -> None:
     out = subprocess.run([sys.executable, "-m", "cds.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("serve", "token", "policy", "evaluate"):
         assert command in out.stdout
+
+
+def test_token_follows_the_port_the_service_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CDS_DATA_DIR", str(tmp_path))
+    for name in ("CDS_CONFIG", "CDS_BASE_URL", "CDS_HOST", "CDS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["token", "order-sign", "--port", "9001"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["aud"] == "http://127.0.0.1:9001/cds-services/order-sign"
+    assert main(["token", "--base-url", "http://localhost:9002/"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["aud"] == "http://localhost:9002/cds-services"
