@@ -6,20 +6,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from cds import constants, jsonsafe
 from cds.errors import NotFound, UnsupportedMedia
-from cds.runtime import Runtime
+from cds.runtime import current
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 FHIR_JSON = "application/fhir+json"
-
-
-def runtime() -> Runtime:
-    """The runtime of the app serving this request (every /fhir edge uses it)."""
-    rt: Runtime = current_app.extensions["cds"]
-    return rt
 
 
 def fhir_body() -> Any:
@@ -51,7 +45,7 @@ def _operation(name: str, definition: str) -> dict[str, str]:
 
 @bp.get("/metadata")
 def metadata() -> Response:
-    rt = runtime()
+    rt = current()
     return fhir_response(
         {
             "resourceType": "CapabilityStatement",
@@ -116,7 +110,7 @@ def metadata() -> Response:
 
 @bp.get("/Questionnaire/<qid>")
 def questionnaire(qid: str) -> Response:
-    found = runtime().store.questionnaire(qid)
+    found = current().store.questionnaire(qid)
     if found is None:
         raise NotFound(f"Questionnaire/{qid} is not known here")
     return fhir_response(found)
@@ -127,7 +121,7 @@ def draft_response(assertion_id: str) -> Response:
     """The response of an assertion: the prepopulated draft, or once the form was answered, the answered response
     with the coverage-information it settled. It carries patient data, so the caller must present a CDS client JWT
     for this URL, like a hook call."""
-    rt = runtime()
+    rt = current()
     if rt.verifier is not None:
         rt.verifier.verify(
             request.headers.get("Authorization"), f"{rt.base_url}/fhir/QuestionnaireResponse/{assertion_id}"
@@ -142,7 +136,7 @@ def draft_response(assertion_id: str) -> Response:
 
 @bp.get("/CodeSystem/policy-criteria")
 def criteria() -> Response:
-    rt = runtime()
+    rt = current()
     concepts = []
     seen: set[str] = set()
     for policy in rt.policies.policies.values():

@@ -15,11 +15,11 @@ import logging
 from functools import cache
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 from sqlalchemy import text
 
 from cds import migrate
-from cds.runtime import Runtime
+from cds.runtime import Runtime, current
 
 log = logging.getLogger("cds.health")
 bp = Blueprint("health", __name__)
@@ -72,7 +72,7 @@ def _checks(rt: Runtime) -> dict[str, str]:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    rt: Runtime = current_app.extensions["cds"]
+    rt = current()
     checks = _checks(rt)
     checks = {name: checks[name] for name in ("store", "policies", "migrations")}
     failing = [name for name, result in checks.items() if result not in (OK, NOT_CHECKED)]

@@ -64,3 +64,11 @@ class Runtime:
             return tuple(self.config["fhir_servers"])
         trusted = self.verifier.clients.get(client) if self.verifier is not None else None
         return trusted.fhir_servers if trusted is not None else ()
+
+
+def current() -> Runtime:
+    """The runtime of the app serving the request in progress (every HTTP edge reads it from here)."""
+    from flask import current_app
+
+    rt: Runtime = current_app.extensions["cds"]
+    return rt

@@ -34,7 +34,7 @@ from cds.config import Config
 from cds.demo import demo_client
 from cds.errors import ConfigError, Forbidden, OAuthError, Unauthorized, to_oauth_error
 from cds.logsafe import clean
-from cds.runtime import Runtime
+from cds.runtime import Runtime, current
 
 log = logging.getLogger("cds.smart")
 bp = Blueprint("smart", __name__)
@@ -136,11 +136,6 @@ def _own_verifier(rt: Runtime) -> Verifier:
     )
 
 
-def _runtime() -> Runtime:
-    rt: Runtime = current_app.extensions["cds"]
-    return rt
-
-
 def _verifier() -> Verifier:
     found: Verifier = current_app.extensions["cds.smart"]
     return found
@@ -158,7 +153,7 @@ def _oauth_json(body: Any, status: int) -> Response:
 
 @bp.post(TOKEN_PATH)
 def token() -> Response:
-    rt = _runtime()
+    rt = current()
     try:
         body = _exchange(rt, _verifier())
     except OAuthError as exc:
@@ -232,7 +227,7 @@ def _issue(rt: Runtime, client_id: str, scope: str) -> tuple[str, int]:
 @bp.get("/.well-known/smart-configuration")
 @bp.get("/fhir/.well-known/smart-configuration")  # SMART clients look it up under the FHIR base
 def smart_configuration() -> Response:
-    rt = _runtime()
+    rt = current()
     body = {
         "token_endpoint": f"{rt.base_url}{TOKEN_PATH}",
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],

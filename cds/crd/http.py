@@ -18,7 +18,7 @@ from cds.crd.hookrequest import load_json
 from cds.crd.registry import ServiceDefinition
 from cds.errors import CdsError, InvalidRequest, NotFound, TooLong, UnsupportedMedia, to_operation_outcome
 from cds.logsafe import clean
-from cds.runtime import Runtime
+from cds.runtime import Runtime, current
 
 log = logging.getLogger("cds.crd.hooks")
 bp = Blueprint("cds_hooks", __name__)
@@ -34,11 +34,6 @@ INSTANT = re.compile(
     r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)"
     r"(\.[0-9]{1,9})?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
 )
-
-
-def runtime() -> Runtime:
-    rt: Runtime = current_app.extensions["cds"]
-    return rt
 
 
 def services() -> dict[str, ServiceDefinition]:
@@ -67,14 +62,14 @@ def _require_json() -> None:
 
 @bp.get("/cds-services")
 def discovery() -> Response:
-    rt = runtime()
+    rt = current()
     _authenticate(rt, f"{rt.base_url}/cds-services", bool(rt.config["discovery_auth_required"]))
     return json_response({"services": [s.discovery() for s in services().values()]})
 
 
 @bp.post("/cds-services/<service_id>")
 def invoke(service_id: str) -> Response:
-    rt = runtime()
+    rt = current()
     service = services().get(service_id)
     if service is None:
         raise NotFound(f"No CDS service '{service_id}' here; GET /cds-services lists them")
@@ -125,7 +120,7 @@ def invoke(service_id: str) -> Response:
 
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str) -> Response:
-    rt = runtime()
+    rt = current()
     if service_id not in services():
         raise NotFound(f"No CDS service '{service_id}' here")
     _authenticate(rt, f"{rt.base_url}/cds-services/{service_id}/feedback", bool(rt.config["auth_required"]))
@@ -206,6 +201,6 @@ def _is_instant(value: str) -> bool:
 @bp.post("/_echo")
 def echo() -> Response:
     """A trivial JSON echo, enabled for the benchmark only (the baseline cost of a request on this server)."""
-    if not runtime().config["bench_echo"]:
+    if not current().config["bench_echo"]:
         raise NotFound("No such route")
     return json_response(load_json(request.get_data()))

@@ -17,9 +17,9 @@ from cds import constants
 from cds.crd import coverage_info
 from cds.dtr import adaptive, service, valuesets
 from cds.errors import BusinessRule, InvalidRequest, InvalidResource, NotFound
-from cds.fhir_api import fhir_body, fhir_response, runtime
+from cds.fhir_api import fhir_body, fhir_response
 from cds.logsafe import clean
-from cds.runtime import Runtime
+from cds.runtime import Runtime, current
 from cds.smart import require_scopes
 
 log = logging.getLogger("cds.dtr")
@@ -61,7 +61,7 @@ def _instant(parts: list[Mapping[str, Any]]) -> datetime | None:
 @bp.post("/Questionnaire/$questionnaire-package")
 @bp.post("/$questionnaire-package")
 def questionnaire_package() -> Response:
-    rt = runtime()
+    rt = current()
     client = require_scopes(rt, *READ_FORMS)
     started, received = time.perf_counter(), rt.clock()
     params = parameters(fhir_body(), "$questionnaire-package")
@@ -174,7 +174,7 @@ def _for_context(
 @bp.post("/QuestionnaireResponse")
 def questionnaire_response() -> Response:
     """A completed response (or DTR QuestionnaireResponse Bundle): it settles the assertion it documents."""
-    rt = runtime()
+    rt = current()
     require_scopes(rt, *WRITE_RESPONSES)
     settled = service.submit(rt, fhir_body(), via="fhir")
     log.info("dtr response decision=%s", settled.decision)
@@ -187,7 +187,7 @@ def questionnaire_response() -> Response:
 def log_questionnaire_errors() -> Response:
     """What a DTR client could not do with a form (DTR §oper-1): kept in the store, acknowledged. The outcomes must
     carry no patient data (§oper-2); they are stored, never logged."""
-    rt = runtime()
+    rt = current()
     client = require_scopes(rt, *READ_FORMS)
     params = parameters(fhir_body(), "$log-questionnaire-errors")
     forms = [p.get("valueCanonical") for p in params.get("questionnaire", ())]
@@ -208,7 +208,7 @@ def log_questionnaire_errors() -> Response:
 @bp.route("/ValueSet/$expand", methods=["GET", "POST"])
 def expand() -> Response:
     """Expand one of our value sets by canonical (``url``, optional ``valueSetVersion``), dated now (DTR §oper-4)."""
-    rt = runtime()
+    rt = current()
     require_scopes(rt, "system/ValueSet.rs")
     if request.method == "POST":
         params = parameters(fhir_body(), "$expand")
@@ -244,7 +244,7 @@ def _expanded(value_set: Mapping[str, Any], now: datetime) -> dict[str, Any]:
 def next_question() -> Response:
     """The next items of an adaptive form (SDC ``$next-question``), or the completed response with the
     coverage-information; the body is the QuestionnaireResponse, bare or as the ``questionnaire-response`` part."""
-    rt = runtime()
+    rt = current()
     require_scopes(rt, *READ_FORMS)
     started = time.perf_counter()
     out = adaptive.next_question(rt, fhir_body())

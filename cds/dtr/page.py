@@ -19,13 +19,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, render_template, request, send_file, url_for
+from flask import Blueprint, Response, render_template, request, send_file, url_for
 from werkzeug.security import safe_join
 
 from cds import constants, jsonsafe, links
 from cds.dtr import service
 from cds.errors import CdsError, Forbidden, InvalidResource, MalformedJson, NotFound, UnsupportedMedia
-from cds.runtime import Runtime
+from cds.runtime import Runtime, current
 
 bp = Blueprint("dtr_page", __name__)
 
@@ -66,11 +66,6 @@ PAGE_CSP = "; ".join(
 )
 
 
-def _rt() -> Runtime:
-    rt: Runtime = current_app.extensions["cds"]
-    return rt
-
-
 def _private(resp: Response) -> Response:
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["Referrer-Policy"] = "no-referrer"
@@ -106,7 +101,7 @@ def _own_version(name: str) -> str:
 
 @bp.get("/dtr/<assertion_id>")
 def page(assertion_id: str) -> Response:
-    rt = _rt()
+    rt = current()
     status = 200
     problem = None
     try:
@@ -185,7 +180,7 @@ def _header(rt: Runtime, assertion_id: str, questionnaire: Mapping[str, Any]) ->
 @bp.get("/dtr/<assertion_id>/package")
 def package(assertion_id: str) -> Response:
     """The package for the page: its Questionnaire, the response the service prefilled, and the header."""
-    rt = _rt()
+    rt = current()
     links.check_form_link(rt, assertion_id, _token())
     bundle = service.package_for(rt, assertion_id)
     questionnaires = _entries(bundle, "Questionnaire")
@@ -216,7 +211,7 @@ def _check_names_assertion(rt: Runtime, response: Mapping[str, Any], assertion_i
 @bp.post("/dtr/<assertion_id>/response")
 def submit(assertion_id: str) -> Response:
     """The page's submit: the completed QuestionnaireResponse; answers the decision, criterion by criterion."""
-    rt = _rt()
+    rt = current()
     links.check_form_link(rt, assertion_id, _token())
     ctype = request.mimetype
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):

@@ -12,8 +12,9 @@ from typing import Any
 from flask import Blueprint, Response
 
 from cds.errors import InvalidResource
-from cds.fhir_api import fhir_body, fhir_response, runtime
+from cds.fhir_api import fhir_body, fhir_response
 from cds.pas import service
+from cds.runtime import current
 from cds.smart import require_scopes
 
 log = logging.getLogger("cds.pas")
@@ -35,7 +36,7 @@ def _bundle() -> Any:
 
 @bp.post("/Claim/$submit")
 def submit() -> Response:
-    rt = runtime()
+    rt = current()
     client = require_scopes(rt, *SUBMIT_SCOPES)
     out, created = service.submit(rt, _bundle(), submitter=client)
     log.info("PAS submit: response %s (%s)", out["entry"][0]["resource"]["id"], "new" if created else "stored")
@@ -44,7 +45,7 @@ def submit() -> Response:
 
 @bp.post("/Claim/$inquire")
 def inquire() -> Response:
-    rt = runtime()
+    rt = current()
     client = require_scopes(rt, *INQUIRE_SCOPES)
     out = service.inquire(rt, _bundle(), submitter=client)
     log.info("PAS inquire: %d match(es)", len(out["parameter"]))

@@ -46,7 +46,7 @@ from cds.errors import (
 )
 from cds.pas import reviewers
 from cds.pas.reviewers import Reviewer, Session
-from cds.runtime import Runtime
+from cds.runtime import current
 
 bp = Blueprint("review", __name__, url_prefix="/review")
 
@@ -83,11 +83,6 @@ def _setup(state: BlueprintSetupState) -> None:
         raise ConfigError("review_session_seconds: must be at least 60")
 
 
-def _rt() -> Runtime:
-    rt: Runtime = current_app.extensions["cds"]
-    return rt
-
-
 def _accounts() -> dict[str, Reviewer]:
     found: dict[str, Reviewer] = current_app.extensions["cds.reviewers"]
     return found
@@ -99,7 +94,7 @@ def _service() -> ModuleType:
 
 
 def _secure() -> bool:
-    return _rt().base_url.startswith("https://")
+    return current().base_url.startswith("https://")
 
 
 def _private(resp: Response) -> Response:
@@ -154,7 +149,7 @@ def when(value: Any) -> str:
 
 
 def _session() -> Session | None:
-    return reviewers.find_session(_rt(), _accounts(), request.cookies.get(SESSION_COOKIE))
+    return reviewers.find_session(current(), _accounts(), request.cookies.get(SESSION_COOKIE))
 
 
 def _set_cookie(resp: Response, name: str, value: str, max_age: int) -> None:
@@ -177,7 +172,7 @@ def _signin_page(status: int = 200, problem: str | None = None, username: str = 
         status,
         problem=problem,
         username=username,
-        csrf=reviewers.signin_token(_rt(), nonce),
+        csrf=reviewers.signin_token(current(), nonce),
         configured=bool(_accounts()),
     )
     _set_cookie(resp, SIGNIN_COOKIE, nonce, 3600)
@@ -193,7 +188,7 @@ def signin_form() -> Response:
 
 @bp.post("/signin")
 def signin() -> Response:
-    rt = _rt()
+    rt = current()
     username = (request.form.get("username") or "").strip()[:128]
     password = request.form.get("password") or ""
     if not reviewers.signin_token_ok(rt, request.cookies.get(SIGNIN_COOKIE), request.form.get("csrf")):
@@ -219,7 +214,7 @@ def signout() -> Response:
     if session is not None:
         if not reviewers.csrf_ok(session.csrf, request.form.get("csrf")):
             raise Forbidden("The form's CSRF token is missing or wrong")
-        reviewers.close_session(_rt(), request.cookies.get(SESSION_COOKIE))
+        reviewers.close_session(current(), request.cookies.get(SESSION_COOKIE))
     resp = _see_other(url_for("review.signin_form"))
     _clear_cookie(resp, SESSION_COOKIE)
     return resp
@@ -246,7 +241,7 @@ def queue() -> Response:
     return _page(
         "review_queue.html",
         session=session,
-        requests=_service().pended(_rt()),
+        requests=_service().pended(current()),
         decided=decided[:64] if decided else None,
     )
 
@@ -349,7 +344,7 @@ def _documents(view: Mapping[str, Any]) -> list[dict[str, str]]:
 def _request_page(
     session: Session, request_id: str, *, status: int = 200, problem: str | None = None, form: Any = None
 ) -> Response:
-    view = _service().request_view(_rt(), request_id)
+    view = _service().request_view(current(), request_id)
     return _page(
         "review_request.html",
         status,
@@ -361,7 +356,7 @@ def _request_page(
         response_json=json.dumps(view.get("response"), indent=2, default=_jsonable),
         problem=problem,
         form=form or {},
-        today=_rt().clock().date().isoformat(),
+        today=current().clock().date().isoformat(),
         open=view.get("status") in OPEN,
         codes=CODES,
     )
@@ -375,7 +370,9 @@ def request_page(request_id: str) -> Response:
     try:
         return _request_page(session, request_id)
     except NotFound as exc:
-        return _page("review_queue.html", 404, session=session, requests=_service().pended(_rt()), problem=exc.message)
+        return _page(
+            "review_queue.html", 404, session=session, requests=_service().pended(current()), problem=exc.message
+        )
 
 
 @bp.post("/requests/<request_id>/decision")
@@ -408,7 +405,7 @@ def _decide(session: Session, request_id: str, given: Mapping[str, Any]) -> Any:
         raise InvalidRequest("A denial needs a reason", expression="reason")
     decide: Callable[..., Any] = _service().decide
     return decide(
-        _rt(),
+        current(),
         request_id,
         action=action,
         reviewer=session.reviewer.username,
@@ -470,13 +467,13 @@ def api_requests() -> Response:
     status = request.args.get("status", "pended")
     if status != "pended":
         raise InvalidRequest("Only status=pended is listed here", expression="status")
-    return _json({"status": "pended", "requests": _service().pended(_rt())})
+    return _json({"status": "pended", "requests": _service().pended(current())})
 
 
 @bp.get("/api/requests/<request_id>")
 def api_request(request_id: str) -> Response:
     _api_session()
-    return _json(_service().request_view(_rt(), request_id))
+    return _json(_service().request_view(current(), request_id))
 
 
 @bp.post("/api/requests/<request_id>/decision")

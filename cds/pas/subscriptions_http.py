@@ -19,10 +19,10 @@ from flask import Blueprint, Response, request
 from sqlalchemy import delete, func, select, update
 
 from cds.errors import Forbidden, InvalidResource, MalformedJson, NotFound, TooLong
-from cds.fhir_api import fhir_body, fhir_response, runtime
+from cds.fhir_api import fhir_body, fhir_response
 from cds.pas import notify
 from cds.pas.notify import outbox, subscriptions
-from cds.runtime import Runtime, utc_now
+from cds.runtime import Runtime, current, utc_now
 from cds.smart import require_scopes
 
 bp = Blueprint("pas_subscriptions", __name__, url_prefix="/fhir")
@@ -213,7 +213,7 @@ def _may_follow(rt: Runtime, owner: str | None, org_ids: Sequence[str]) -> None:
 
 @bp.post("/Subscription")
 def create() -> Response:
-    rt = runtime()
+    rt = current()
     owner = require_scopes(rt, "system/Subscription.c")
     body = _body()
     accepted = validate(body)
@@ -251,7 +251,7 @@ def create() -> Response:
 
 @bp.get("/Subscription/<sub_id>")
 def read(sub_id: str) -> Response:
-    rt = runtime()
+    rt = current()
     owner = require_scopes(rt, "system/Subscription.r")
     return fhir_response(_render(_own(rt, sub_id, owner)))
 
@@ -260,7 +260,7 @@ def read(sub_id: str) -> Response:
 def replace(sub_id: str) -> Response:
     """An update: ``status = off`` turns the subscription off; anything else is validated again and, like a new
     subscription, goes back to ``requested`` with a handshake to the (perhaps new) endpoint."""
-    rt = runtime()
+    rt = current()
     owner = require_scopes(rt, "system/Subscription.u")
     _own(rt, sub_id, owner)
     body = _body()
@@ -292,7 +292,7 @@ def replace(sub_id: str) -> Response:
 @bp.delete("/Subscription/<sub_id>")
 def remove(sub_id: str) -> Response:
     """Deletes the subscription; what it still had to deliver is given up (the outbox rows stay, for the audit)."""
-    rt = runtime()
+    rt = current()
     owner = require_scopes(rt, "system/Subscription.d")
     _own(rt, sub_id, owner)
     with rt.store.engine.begin() as conn:
@@ -308,7 +308,7 @@ def remove(sub_id: str) -> Response:
 @bp.get("/Subscription/<sub_id>/$status")
 def status(sub_id: str) -> Response:
     """The backport's ``$status``: a searchset Bundle holding the subscription's SubscriptionStatus."""
-    rt = runtime()
+    rt = current()
     owner = require_scopes(rt, "system/Subscription.r")
     row = _own(rt, sub_id, owner)
     params = notify.status_parameters(
