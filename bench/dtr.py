@@ -15,7 +15,6 @@ Usage: python bench/dtr.py [--rate 100] [--seconds 10]
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Target, client_key, closed_loop, config_file, free_port, open_loop, serve, table
+from harness import Target, arguments, client_key, closed_loop, config_file, free_port, open_loop, serve, table
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = ROOT / "fixtures" / "requests" / "order-sign-factor-vii-deficiency.json"
@@ -119,13 +118,7 @@ def completed(draft: dict) -> bytes:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second (default 100)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each run (default 10)")
-    parser.add_argument("--connections", type=int, default=4, help="closed-loop connections (default 4)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker (default 8, as cds serve)")
-    args = parser.parse_args()
+    args = arguments(__doc__).parse_args()
 
     key, jwk = client_key()
     port = free_port()

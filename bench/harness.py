@@ -6,6 +6,7 @@ server cannot hide its queue (no coordinated omission). Closed loop: N connectio
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -41,9 +42,11 @@ class Target:
         bodies: list[bytes] | None = None,
         content_type: str = "application/json",
         ok: tuple[int, ...] = (200,),
+        method: str = "POST",
     ) -> None:
         self.name, self.path, self.body, self.tokens = name, path, body, tokens
         self.bearer, self.bodies, self.content_type, self.ok = bearer, bodies, content_type, ok
+        self.method = method
         self._lock = threading.Lock()
 
     def headers(self) -> dict[str, str]:
@@ -67,9 +70,11 @@ def connect(port: int) -> http.client.HTTPConnection:
 
 
 def send(conn: http.client.HTTPConnection, port: int, target: Target) -> tuple[http.client.HTTPConnection, int]:
-    """POST the target; a broken connection is replaced and the request counts as an error (status 0)."""
+    """Send the target's request (a POST unless it says otherwise); a broken connection is replaced and the request
+    counts as an error (status 0)."""
     try:
-        conn.request("POST", target.path, body=target.next_body(), headers=target.headers())
+        body = target.next_body() if target.method in ("POST", "PUT") else None
+        conn.request(target.method, target.path, body=body, headers=target.headers())
         resp = conn.getresponse()
         resp.read()
         return conn, resp.status
@@ -225,3 +230,21 @@ def table(rows: list[tuple[str, str, dict[str, float]]]) -> None:
             f"{name:<14} {load:<17} {r['n']:>8.0f} {r['errors']:>6.0f} {r['rps']:>7.0f} {r['p50']:>7.2f} "
             f"{r['p95']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.1f}"
         )
+
+
+def arguments(
+    doc: str | None, *, rate: float = 100.0, seconds: float = 10.0, connections: int | None = 4
+) -> argparse.ArgumentParser:
+    """The options every benchmark takes (its first doc line as description): open-loop ``--rate`` and
+    ``--seconds``, closed-loop ``--connections`` (None: the benchmark has no closed loop), the server's ``--workers``
+    and ``--threads``. A benchmark adds its own before ``parse_args``."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--rate", type=float, default=rate, help=f"open-loop requests per second (default {rate:g})")
+    parser.add_argument("--seconds", type=float, default=seconds, help=f"length of each run (default {seconds:g})")
+    if connections is not None:
+        parser.add_argument(
+            "--connections", type=int, default=connections, help=f"closed-loop connections (default {connections})"
+        )
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker (default 8, as cds serve)")
+    return parser

@@ -13,7 +13,6 @@ the audit write all happen as in production. Usage: python bench/order_sign.py [
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Target, client_key, closed_loop, config_file, free_port, open_loop, serve, table
+from harness import Target, arguments, client_key, closed_loop, config_file, free_port, open_loop, serve, table
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = ROOT / "fixtures" / "requests" / "order-sign-acquired-hemophilia.json"
@@ -47,12 +46,7 @@ def mint(key: ec.EllipticCurvePrivateKey, aud: str, count: int) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second (default 200)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run (default 20)")
-    parser.add_argument("--connections", type=int, default=8, help="closed-loop connections (default 8)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker (default 8, as cds serve)")
+    parser = arguments(__doc__, rate=200.0, seconds=20.0, connections=8)
     parser.add_argument(
         "--only", nargs="*", help="load only these policy folders (to show the cost is flat in their number)"
     )

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestURITooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestURITooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from cds import fhir_api, headers, health, pages, smart
+from cds import fhir_api, headers, health, metrics, openapi, pages, requestlog, smart
 from cds.auth import Verifier, client_from_config, fetch_jwks
+from cds.bodylimit import BoundedBody
 from cds.config import Config, load_config
 from cds.crd import hooks
 from cds.crd import http as routes
@@ -95,10 +97,13 @@ def create_app(
 ) -> Flask:
     """The application. ``config`` overrides every other layer (tests pass it); ``environ`` replaces os.environ."""
     cfg = load_config(config, environ)
-    logging.basicConfig(level=str(cfg["log_level"]).upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    requestlog.configure(cfg)
     rt = build_runtime(cfg, **hooks_for_tests)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(cfg["max_request_bytes"])
+    app.wsgi_app = BoundedBody(app.wsgi_app, int(cfg["max_request_bytes"]))  # type: ignore[method-assign]
+    if int(cfg["proxy_hops"]):  # the client's address (rate limits, logs) from X-Forwarded-For, set by our proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(cfg["proxy_hops"]))  # type: ignore[method-assign]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["cds"] = rt
     app.extensions["cds.services"] = {s.id: s for s in hooks.services(rt.templates)}
@@ -112,6 +117,9 @@ def create_app(
     app.register_blueprint(review.bp)
     app.register_blueprint(subscriptions_http.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
+    requestlog.register(app)  # before the other request hooks: a request they refuse is logged and counted too
+    metrics.register(app)
     headers.register(app)
     _register_errors(app)
     return app
@@ -146,7 +154,14 @@ def _register_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        return _error(status_error(exc.code or 500, exc.description or exc.name))
+        if isinstance(exc, RequestEntityTooLarge):
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            return _error(status_error(413, f"The request body is over {limit} bytes, the most accepted"))
+        resp = _error(status_error(exc.code or 500, exc.description or exc.name))
+        allowed = getattr(exc, "valid_methods", None) if exc.code == 405 else None
+        if allowed:  # RFC 9110 §15.5.6: a 405 says which methods the resource has
+            resp.headers["Allow"] = ", ".join(sorted(allowed))
+        return resp
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
@@ -154,4 +169,5 @@ def _register_errors(app: Flask) -> None:
         frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
         # the exception's message may quote request data, so only its type and where it happened are logged
         log.error("unhandled %s (incident %s)\n%s", type(exc).__name__, incident, frames)
+        requestlog.annotate(incident=incident)
         return _error(CdsError(f"Internal error (incident {incident}); nothing about this request was changed"))

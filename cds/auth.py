@@ -33,6 +33,7 @@ from cds.upstream import Reader, UpstreamError, origin_of
 ALGORITHMS: Mapping[str, tuple[str, str | None]] = {"ES384": ("EC", "P-384"), "RS384": ("RSA", None)}
 JWKS_SECONDS = 2.0  # the whole fetch of a JWK Set, connect to last byte
 JWKS_MAX_BYTES = 256_000
+NO_TOKEN = "no bearer token"  # the reason of an Unauthorized for a request that sent no token at all
 MAX_TOKEN_CHARS = 8_000  # a CDS Hooks JWT is a few hundred characters
 ASSERTION_MAX_SECONDS = 300  # SMART Backend Services: a client assertion's exp is at most five minutes ahead
 
@@ -156,7 +157,7 @@ class Verifier:
     def verify(self, authorization: str | None, audience: str) -> dict[str, Any]:
         """The verified claims of a CDS Hooks JWT, or :class:`Unauthorized`."""
         if not authorization or not authorization.startswith("Bearer "):
-            raise Unauthorized("no bearer token")
+            raise Unauthorized(NO_TOKEN)
         client, claims = self._signed(authorization[7:].strip(), audience, ("iss", "aud", "exp", "iat", "jti"))
         now = self.clock()
         iat = claims["iat"]

@@ -92,6 +92,25 @@ SETTINGS: tuple[Setting, ...] = (
         "random one created once in `{data_dir}/token-secret` (mode 0600), shared by every worker.",
     ),
     Setting("access_token_seconds", 300, "Lifetime of a SMART access token issued by `POST /auth/token`."),
+    Setting(
+        "token_requests_per_minute",
+        30,
+        "Access tokens `POST /auth/token` issues to one client per minute, counted by every worker together (429 "
+        "with `Retry-After` above; a client should reuse its token until it expires). 0 turns the limit off.",
+    ),
+    Setting(
+        "proxy_hops",
+        0,
+        "Reverse proxies in front of the service that append to `X-Forwarded-For` (0: none, the peer address is the "
+        "client's). The client address is what refused token requests are counted by; never trust more hops than "
+        "you run.",
+    ),
+    Setting(
+        "token_refusals_per_minute",
+        20,
+        "Refused token requests (bad assertion, unknown client, wrong scope) accepted from one network address per "
+        "minute before every request from it is answered 429 until the minute has passed. 0 turns the limit off.",
+    ),
     Setting("form_link_seconds", 3600, "Lifetime of the link to a coverage assertion's form page (`/dtr/{id}?t=...`)."),
     Setting("fhir_connect_timeout", 0.5, "Seconds to connect to the EHR FHIR server when prefetch is missing."),
     Setting("fhir_read_timeout", 1.5, "Seconds to wait for an EHR FHIR server response."),
@@ -154,6 +173,24 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("bench_echo", False, "Expose `POST /_echo`, a trivial JSON echo route the benchmark compares against."),
     Setting("log_level", "INFO", "Python logging level. Logs never carry patient data or tokens."),
+    Setting(
+        "log_format",
+        "json",
+        "`json`: every log line is one JSON object (the request lines, the app's and gunicorn's); `text`: one line "
+        "of plain text each.",
+    ),
+    Setting(
+        "request_log",
+        True,
+        "One line per request on the `cds.request` logger (route template, method, status, duration, correlation "
+        "id; never paths' values, queries, headers or bodies), at INFO whatever `log_level`.",
+    ),
+    Setting("metrics", True, "Serve Prometheus metrics at `GET /metrics` and count requests, decisions and EHR reads."),
+    Setting(
+        "metrics_token",
+        "",
+        "When set, `GET /metrics` needs `Authorization: Bearer <metrics_token>` (401 otherwise); empty: open.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -241,6 +278,8 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
     _check_clients(values["clients"])
     _check_servers("fhir_servers", values["fhir_servers"])
     _check_payers(values["payers"])
+    if values["log_format"] not in ("json", "text"):
+        raise ConfigError(f"log_format is json or text, not {values['log_format']!r}")
     if values["dtr_version"] not in DTR_VERSIONS:
         raise ConfigError(f"dtr_version is one of {', '.join(DTR_VERSIONS)}, not {values['dtr_version']!r}")
     return Config(values)

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from cds import constants, jsonsafe
+from cds import constants, jsonsafe, smart
 from cds.errors import NotFound, UnsupportedMedia
 from cds.runtime import current
 
@@ -123,9 +123,7 @@ def draft_response(assertion_id: str) -> Response:
     for this URL, like a hook call."""
     rt = current()
     if rt.verifier is not None:
-        rt.verifier.verify(
-            request.headers.get("Authorization"), f"{rt.base_url}/fhir/QuestionnaireResponse/{assertion_id}"
-        )
+        smart.verify_client_jwt(rt, f"{rt.base_url}/fhir/QuestionnaireResponse/{assertion_id}")
     record = rt.store.assertion(assertion_id)
     if record is None or record.draft_response is None:
         raise NotFound(f"QuestionnaireResponse/{assertion_id} is not known here")

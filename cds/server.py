@@ -17,17 +17,21 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
+import traceback
+import uuid
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
 from flask import Flask
-from gunicorn import util
+from gunicorn import glogging, util
 from gunicorn.app.base import BaseApplication
 from gunicorn.http import errors as http_errors
 from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
+from cds import metrics, requestlog
 from cds.errors import CdsError, status_error, to_operation_outcome
 from cds.logsafe import clean
 from cds.pas import delivery
@@ -107,16 +111,42 @@ class Worker(ThreadWorker):  # type: ignore[misc]
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
         """Replaces gunicorn's handler (HTML page, raw request text in the log); the connection closes after."""
+        started = time.perf_counter()
         error = parse_error(exc, int(self.cfg.limit_request_line))
         ip = (addr or ("", -1))[0]
+        # never the URI nor the exception's text: gunicorn's quote the request line or header (ids, tokens)
         if error.http_status >= 500:
-            self.log.exception("Error handling request %s", clean(getattr(req, "uri", "(no URI read)")))
+            frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+            self.log.error("Error handling request: %s\n%s", type(exc).__name__, frames)
         else:
-            self.log.warning("Invalid request from ip=%s: %s", clean(ip), clean(str(exc), 200))
+            self.log.warning("Invalid request from ip=%s: %s", clean(ip), type(exc).__name__)
+        _refused(self.wsgi, error.http_status, time.perf_counter() - started)
         try:
             util.write_nonblock(client, error_response(error))
         except OSError:
             self.log.debug("Failed to send error message.")
+
+
+def _refused(app: Flask, status: int, seconds: float) -> None:
+    """A request refused before the app saw it is counted and logged too, as route ``(unparsed)``."""
+    config = app.extensions["cds"].config
+    if config["metrics"]:
+        metrics.refused(status, seconds)
+    if config["request_log"]:
+        requestlog.line(None, requestlog.UNPARSED, status, round(seconds * 1000, 3), uuid.uuid4().hex)
+
+
+class _JsonLog(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's error log, one JSON object a line (``log_format = "json"``)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(requestlog.JsonFormatter())
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    metrics.process_exited(worker.pid)
 
 
 def _post_worker_init(worker: Any) -> None:
@@ -127,7 +157,9 @@ def _post_worker_init(worker: Any) -> None:
 def serve(app: Flask, host: str, port: int, workers: int, threads: int) -> None:
     """Run ``app`` under gunicorn until interrupted. The app is built once and forked (policies load once); the
     master closes its database connections first, and each worker opens its own (the Store checks the pid)."""
+    config = app.extensions["cds"].config
     app.extensions["cds"].store.dispose()
+    metrics.prepare_multiprocess(config)  # before the workers fork
     _Gunicorn(
         app,
         {
@@ -145,5 +177,7 @@ def serve(app: Flask, host: str, port: int, workers: int, threads: int) -> None:
             "errorlog": "-",
             "loglevel": "warning",
             "post_worker_init": _post_worker_init,
+            "child_exit": _child_exit,
+            "logger_class": _JsonLog if config["log_format"] == "json" else glogging.Logger,
         },
     ).run()

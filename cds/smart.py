@@ -28,8 +28,8 @@ import jwt
 from flask import Blueprint, Response, current_app, g, request
 from flask.blueprints import BlueprintSetupState
 
-from cds import scopes
-from cds.auth import MAX_TOKEN_CHARS, Verifier, client_from_config
+from cds import ratelimit, requestlog, scopes
+from cds.auth import MAX_TOKEN_CHARS, NO_TOKEN, Verifier, client_from_config
 from cds.config import Config
 from cds.demo import demo_client
 from cds.errors import ConfigError, Forbidden, OAuthError, Unauthorized, to_oauth_error
@@ -54,7 +54,6 @@ ACCESS_TYP = "at+jwt"  # RFC 9068: an access token is never mistaken for another
 SECRET_FILE = "token-secret"
 MIN_SECRET_CHARS = 32
 MAX_SCOPE_CHARS = 2_000  # a few dozen scopes
-NO_TOKEN = "no bearer token"
 ASSERTION_REFUSED = (
     "The client assertion was not accepted: it must be a JWT (typ JWT, a kid) signed ES384 or RS384 by a key of the "
     "client's registered JWK Set, with iss = sub = the client id, aud = the token endpoint URL, exp at most five "
@@ -151,13 +150,37 @@ def _oauth_json(body: Any, status: int) -> Response:
     )
 
 
+def _limits(rt: Runtime) -> tuple[ratelimit.Limit, ratelimit.Limit]:
+    """(tokens issued per client, refused requests per network address), each per minute."""
+    return (
+        ratelimit.Limit("token-issued", int(rt.config["token_requests_per_minute"]), 60),
+        ratelimit.Limit("token-refused", int(rt.config["token_refusals_per_minute"]), 60),
+    )
+
+
 @bp.post(TOKEN_PATH)
 def token() -> Response:
+    """Exchange a signed client assertion for an access token (SMART Backend Services, ``client_credentials``).
+
+    Rate limited (:mod:`cds.ratelimit`): refused requests per network address are counted and, over
+    ``token_refusals_per_minute``, every request from that address is answered 429 before its assertion is checked;
+    tokens issued per verified client are limited to ``token_requests_per_minute``. Counting refusals by address and
+    not by the client an assertion claims to be means no one can lock a client out by sending bad assertions in its
+    name. A 429 carries ``Retry-After`` and the RFC 6749 error shape."""
     rt = current()
+    _, refused = _limits(rt)
+    address = request.remote_addr or "unknown"
     try:
+        ratelimit.check(rt, refused, address, "Too many refused token requests from this address; try again later")
         body = _exchange(rt, _verifier())
+    except ratelimit.RateLimited as exc:
+        log.info("token request throttled (%s s)", exc.retry_after)
+        resp = _oauth_json({"error": "invalid_request", "error_description": str(exc)}, 429)
+        resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
     except OAuthError as exc:
         log.info("token request refused: %s (%s)", exc.error, clean(exc.reason, 120))
+        ratelimit.record(rt, refused, address)
         return _oauth_json(to_oauth_error(exc), exc.http_status)
     if random.random() < 0.002:  # now and then, forget token ids that have expired
         rt.store.forget_expired_tokens()
@@ -201,7 +224,10 @@ def _exchange(rt: Runtime, verifier: Verifier) -> dict[str, Any]:
         raise OAuthError(
             "invalid_scope", "None of the requested scopes can be granted to this client", reason=requested
         )
+    issued, _ = _limits(rt)
+    ratelimit.check(rt, issued, client.iss, "This client was issued too many access tokens lately; reuse the last one")
     access_token, lifetime = _issue(rt, client.iss, granted)
+    ratelimit.record(rt, issued, client.iss)
     log.info("access token issued to %s: %s", clean(client.iss), clean(granted, 200))
     return {"access_token": access_token, "token_type": "bearer", "expires_in": lifetime, "scope": granted}
 
@@ -258,13 +284,14 @@ def require_scopes(rt: Runtime, *needed: str) -> str | None:
     try:
         claims = _access_claims(rt, request.headers.get("Authorization"))
     except Unauthorized as exc:
-        _challenge(rt, "" if exc.reason == NO_TOKEN else 'error="invalid_token"')
+        challenge(rt, "" if exc.reason == NO_TOKEN else 'error="invalid_token"')
         raise
     granted = [s for s in map(scopes.parse, str(claims["scope"]).split()) if s is not None]
     missing = [text for text, scope in wanted if scope is not None and not scopes.covers(granted, scope)]
     if missing:
-        _challenge(rt, f'error="insufficient_scope", scope="{" ".join(missing)}"')
+        challenge(rt, f'error="insufficient_scope", scope="{" ".join(missing)}"')
         raise Forbidden(f"The access token does not grant {' '.join(missing)}")
+    requestlog.annotate(client_id=str(claims["client_id"]))
     return str(claims["client_id"])
 
 
@@ -305,11 +332,24 @@ def _access_claims(rt: Runtime, authorization: str | None) -> dict[str, Any]:
     return claims
 
 
-def _challenge(rt: Runtime, params: str = "") -> None:
+def challenge(rt: Runtime, params: str = "") -> None:
     """The ``WWW-Authenticate`` header (RFC 6750 §3) for the 401 or 403 about to be raised (the app renders the
-    error itself; :func:`_add_challenge` adds the header to that response)."""
+    error itself; :func:`_add_challenge` adds the header to that response, whichever blueprint answers)."""
     realm = rt.base_url.replace("\\", "").replace('"', "")
     g.cds_www_authenticate = f'Bearer realm="{realm}"' + (f", {params}" if params else "")
+
+
+def verify_client_jwt(rt: Runtime, audience: str) -> dict[str, Any]:
+    """The claims of the request's CDS client JWT (:meth:`cds.auth.Verifier.verify`) addressed to ``audience``,
+    for the routes a CDS client calls directly (hooks, discovery, the draft QuestionnaireResponse).
+
+    :raise Unauthorized: as the verifier does; the 401 carries a ``Bearer`` challenge (RFC 7235 §3.1)."""
+    assert rt.verifier is not None
+    try:
+        return rt.verifier.verify(request.headers.get("Authorization"), audience)
+    except Unauthorized as exc:
+        challenge(rt, "" if exc.reason == NO_TOKEN else 'error="invalid_token"')
+        raise
 
 
 @bp.after_app_request

@@ -45,6 +45,8 @@ from sqlalchemy.exc import IntegrityError
 from cds import migrate
 
 log = logging.getLogger("cds.store")
+PG_CONNECT_TIMEOUT = 3  # seconds to open a PostgreSQL connection
+PG_POOL_TIMEOUT = 10  # seconds a request waits for a pooled connection when all are busy
 metadata = MetaData()
 
 exchanges = Table(
@@ -358,8 +360,15 @@ class Store:
             )
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
+            # a database that does not answer fails a request (and /readyz) within seconds, not at the OS's TCP
+            # timeout: libpq's connect_timeout for a new connection, the pool's timeout for a free one
             engine = create_engine(
-                self.url, pool_size=8, max_overflow=8, pool_pre_ping=True, connect_args=self.connect_args
+                self.url,
+                pool_size=8,
+                max_overflow=8,
+                pool_pre_ping=True,
+                pool_timeout=PG_POOL_TIMEOUT,
+                connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, **self.connect_args},
             )
         return engine
 

@@ -29,6 +29,11 @@ def call(app: Flask, token: str | None, body: dict[str, Any] | None = None, head
 
 def assert_401(resp: Any) -> None:
     assert resp.status_code == 401
+    # RFC 7235 §3.1 / RFC 6750 §3: the scheme wanted, and the error code only when a token was sent
+    challenge = resp.headers["WWW-Authenticate"]
+    assert challenge.startswith(f'Bearer realm="{BASE}"'), challenge
+    sent = resp.request.headers.get("Authorization", "").lower().startswith("bearer ")
+    assert ('error="invalid_token"' in challenge) is sent, challenge
     body = resp.get_json()
     assert body["resourceType"] == "OperationOutcome"
     assert body["issue"][0]["details"]["text"] == "Unauthorized"  # no reason is given away

@@ -17,7 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from test_error_shape import assert_operation_outcome
 
-from cds import jsonsafe
+from cds import jsonsafe, requestlog
 from cds.errors import MalformedJson
 from cds.logsafe import clean
 
@@ -135,23 +135,23 @@ def test_a_hook_instance_that_is_no_uuid_is_400_and_logged_on_one_bounded_line(
 ) -> None:
     body = hook_request([med_order()])
     body["hookInstance"] = instance
-    with caplog.at_level(logging.INFO, logger="cds.crd.hooks"):
+    with caplog.at_level(logging.INFO, logger="cds.request"):
         resp = post_hook(client, body)
     assert resp.status_code == 400
     assert resp.get_json()["issue"][0]["expression"] == ["hookInstance"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "cds.crd.hooks"]
+    lines = [requestlog.JsonFormatter().format(r) for r in caplog.records if r.name == "cds.request"]
     assert len(lines) == 1
     assert "\n" not in lines[0] and "\r" not in lines[0]
-    assert len(lines[0]) < 250 and "2026-11-23 15:00:00" not in lines[0]
+    assert len(lines[0]) < 500 and "2026-11-23 15:00:00" not in lines[0]
 
 
 def test_a_long_printable_hook_instance_is_logged_capped(client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
     body = hook_request([med_order()])
     body["hookInstance"] = "h" * 128  # the longest accepted
-    with caplog.at_level(logging.INFO, logger="cds.crd.hooks"):
+    with caplog.at_level(logging.INFO, logger="cds.request"):
         assert post_hook(client, body).status_code == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == "cds.crd.hooks"]
-    assert len(lines) == 1 and "more chars]" in lines[0] and len(lines[0]) < 250
+    lines = [requestlog.JsonFormatter().format(r) for r in caplog.records if r.name == "cds.request"]
+    assert len(lines) == 1 and "more chars]" in lines[0] and len(lines[0]) < 500
 
 
 def test_clean_escapes_and_caps() -> None:

@@ -3,7 +3,9 @@ service's own shape (a JSON OperationOutcome, not gunicorn's HTML), and no respo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -111,3 +113,77 @@ def test_what_gunicorn_refuses_is_logged_escaped_and_bounded(server: Server) -> 
     assert lines
     for line in lines:
         assert len(line) < 400 and b"\x1b" not in line
+
+
+def post_head(target: str, *extra_headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in ("Host: 127.0.0.1", "Connection: close", *extra_headers))
+    return f"POST {target} HTTP/1.1\r\n{head}\r\n".encode("latin-1")
+
+
+def exchange_early(server: Server, head: bytes, body_parts: Iterator[bytes]) -> tuple[int, dict[str, str], bytes]:
+    """Send ``head``, then the body part by part until the server answers (it may answer and close before the body
+    is all sent, which is the point), then read the answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+        conn.sendall(head)
+        for part in body_parts:
+            if select.select([conn], [], [], 0)[0]:
+                break  # an answer is waiting: stop sending
+            try:
+                conn.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                data += chunk
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_body_declared_over_the_limit_is_413_before_it_is_sent(server: Server, client_key: ClientKey) -> None:
+    """Content-Length over max_request_bytes (5 MB): refused on the headers alone, the body never read."""
+    token = client_key.token(f"{server.base}/cds-services/order-sign")
+    head = post_head(
+        "/cds-services/order-sign",
+        "Content-Type: application/json",
+        "Content-Length: 50000000",
+        f"Authorization: Bearer {token}",
+    )
+    status, headers, body = exchange_early(server, head, iter(()))
+    assert status == 413
+    assert "5000000" in outcome(headers, body, "too-long")["issue"][0]["details"]["text"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(server: Server, client_key: ClientKey) -> None:
+    """No Content-Length to refuse early: the body is read up to the limit and no further."""
+    token = client_key.token(f"{server.base}/cds-services/order-sign")
+    head = post_head(
+        "/cds-services/order-sign",
+        "Content-Type: application/json",
+        "Transfer-Encoding: chunked",
+        f"Authorization: Bearer {token}",
+    )
+    chunk = b"[" * 65_536
+    parts = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(200))  # 13 MB if the server never stopped
+    status, headers, body = exchange_early(server, head, parts)
+    assert status == 413, body
+    outcome(headers, body, "too-long")
+
+
+def test_a_chunked_body_within_the_limit_is_read_whole(server: Server, client_key: ClientKey) -> None:
+    from builders import hook_request, med_order
+
+    token = client_key.token(f"{server.base}/cds-services/order-sign")
+    body = json.dumps(hook_request([med_order()])).encode()
+    head = post_head(
+        "/cds-services/order-sign",
+        "Content-Type: application/json",
+        "Transfer-Encoding: chunked",
+        f"Authorization: Bearer {token}",
+    )
+    parts = (b"%x\r\n%s\r\n" % (len(piece), piece) for piece in (body[:100], body[100:], b""))
+    status, _, answer = exchange_early(server, head, parts)
+    assert status == 200, answer[:300]
+    assert json.loads(answer)["systemActions"]

@@ -111,5 +111,22 @@ def test_json_answers_and_errors_carry_nosniff(client: Any) -> None:
         client.post("/cds-services/order-sign", data="{", content_type="application/json"),
     ):
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["Cache-Control"] == "no-store"
         assert "json" in resp.mimetype
         assert "X-Frame-Options" not in resp.headers and "Content-Security-Policy" not in resp.headers
+
+
+def test_answers_with_patient_data_are_never_cached(client: Any) -> None:
+    from builders import condition, hook_request, med_order
+
+    resp = client.post("/cds-services/order-sign", json=hook_request([med_order()], conditions=[condition("D68.2")]))
+    assert resp.status_code == 200 and resp.headers["Cache-Control"] == "no-store"
+    for path in ("/policies", "/fhir/QuestionnaireResponse/unknown"):
+        assert client.get(path).headers["Cache-Control"] == "no-store"
+
+
+def test_static_assets_keep_their_own_caching(client: Any) -> None:
+    with client.get("/static/policies/policy.css") as css:
+        assert css.headers["Cache-Control"] == "no-cache"  # revalidated by ETag, never no-store
+    with client.get("/dtr/assets/lforms/webcomponent/lhc-forms.js") as js:
+        assert "immutable" in js.headers["Cache-Control"]

@@ -25,7 +25,7 @@ from cds.cli import main
 from cds.config import DEFAULT_PAYERS
 from cds.errors import ConfigError
 from cds.pas import reviewers
-from cds.pas.tables import pas_decisions
+from cds.pas.tables import audit_events, pas_decisions
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = next((ROOT / "fixtures" / "examples" / "pas").glob("*approval_pa_submit_request_payload.json"))
@@ -212,6 +212,30 @@ def test_sign_in_is_rate_limited_per_username(web: FlaskClient, clock: Clock) ->
     assert sign_in(other, username="md.khan", password="another good password").status_code == 303  # others can
     clock.advance(seconds=reviewers.FAILURE_WINDOW + 1)
     assert sign_in(web).status_code == 303
+
+
+def test_sign_ins_refusals_and_sign_outs_are_audited(review_app: Flask, web: FlaskClient) -> None:
+    """Who signed in and out, and every refusal, with the address; a username no reviewer has is never stored (it
+    may be a password typed into the wrong field)."""
+    sign_in(web, username="my-password-typed-here", password="x")
+    for _ in range(reviewers.MAX_FAILURES):
+        sign_in(web, password="guess")
+    sign_in(web)  # throttled
+    other = review_app.test_client()
+    assert sign_in(other, username="md.khan", password="another good password").status_code == 303
+    csrf = form_csrf(other.get("/review").get_data(as_text=True))
+    assert other.post("/review/signout", data={"csrf": csrf}).status_code == 303
+    with review_app.extensions["cds"].store.engine.connect() as conn:
+        rows = conn.execute(select(audit_events).order_by(audit_events.c.id)).mappings().all()
+    assert [(r["kind"], r["actor"]) for r in rows] == [
+        ("signin-refused", reviewers.UNKNOWN_ACTOR),
+        *[("signin-refused", "rn.lee")] * reviewers.MAX_FAILURES,
+        ("signin-throttled", "rn.lee"),
+        ("signin", "md.khan"),
+        ("signout", "md.khan"),
+    ]
+    assert all(json.loads(r["detail"]) == {"address": "127.0.0.1"} for r in rows)
+    assert "my-password-typed-here" not in json.dumps([dict(r) for r in rows], default=str)
 
 
 def test_the_sign_in_form_needs_its_csrf_token(web: FlaskClient) -> None:

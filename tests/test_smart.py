@@ -518,10 +518,13 @@ def test_auth_not_required_checks_nothing(build: Callable[..., Flask], client_ke
     assert exchange(app, assertion(client_key)).status_code == 200
 
 
-def test_other_401s_get_no_stale_challenge(app: Flask, client_key: ClientKey) -> None:
-    assert probe(app, access(app, client_key), Q).status_code == 200
+def test_each_401_carries_its_own_challenge(app: Flask, client_key: ClientKey) -> None:
+    """A CDS Hooks 401 names the Bearer scheme too (RFC 7235), and never an earlier answer's error or scope."""
+    assert probe(app, access(app, client_key), "system/Claim.cr").status_code == 403  # insufficient_scope
     resp = app.test_client().post("/cds-services/order-sign", json={})
-    assert resp.status_code == 401 and "WWW-Authenticate" not in resp.headers
+    assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == f'Bearer realm="{BASE}"'
+    resp = app.test_client().post("/cds-services/order-sign", json={}, headers={"Authorization": "Bearer x.y.z"})
+    assert resp.headers["WWW-Authenticate"] == f'Bearer realm="{BASE}", error="invalid_token"'
 
 
 def test_one_verifier_and_key_cache_serve_hooks_and_the_token_endpoint(
@@ -753,3 +756,99 @@ def test_cds_token_access_without_a_service(
     out = capsys.readouterr()
     assert out.out == "" and "cannot reach http://127.0.0.1:9/auth/token" in out.err
     assert os.listdir(tmp_path) == ["demo-client-key.pem"]
+
+
+# --- rate limits (issue 10 item 6) ------------------------------------------------------------------------------------
+def exchange_from(app: Flask, address: str, client_assertion: str, scope: str = Q) -> Any:
+    data = {
+        "grant_type": "client_credentials",
+        "client_assertion_type": smart.ASSERTION_TYPE,
+        "client_assertion": client_assertion,
+        "scope": scope,
+    }
+    return app.test_client().post("/auth/token", data=data, environ_base={"REMOTE_ADDR": address})
+
+
+def throttled(resp: Any) -> int:
+    """The seconds a 429 of the token endpoint asks the client to wait (its body is the RFC 6749 error shape)."""
+    refused(resp, "invalid_request", 429)
+    return int(resp.headers["Retry-After"])
+
+
+def test_tokens_issued_to_one_client_are_limited_per_minute(
+    build: Callable[..., Flask], client_key: ClientKey, rsa_key: RsaKey, clock: Clock
+) -> None:
+    app = build(token_requests_per_minute=3)
+    for _ in range(3):
+        assert exchange(app, assertion(client_key)).status_code == 200
+        clock.advance(10)
+    wait = throttled(exchange(app, assertion(client_key)))
+    assert wait == 30  # the first of the three was 30 s ago: one more is allowed when it leaves the window
+    assert exchange(app, rsa_key.token()).status_code == 200  # another client has its own count
+    clock.advance(wait)
+    assert exchange(app, assertion(client_key)).status_code == 200
+
+
+def test_the_count_is_shared_by_every_worker(build: Callable[..., Flask], client_key: ClientKey) -> None:
+    """Two apps on one database stand for two gunicorn workers: a client cannot get around the limit by being
+    answered by another worker."""
+    first, second = build(token_requests_per_minute=2), build(token_requests_per_minute=2)
+    assert exchange(first, assertion(client_key)).status_code == 200
+    assert exchange(second, assertion(client_key)).status_code == 200
+    throttled(exchange(first, assertion(client_key)))
+    throttled(exchange(second, assertion(client_key)))
+
+
+def test_refused_requests_throttle_the_address_not_the_client_they_name(
+    build: Callable[..., Flask], client_key: ClientKey, clock: Clock
+) -> None:
+    """Bad assertions in a client's name from one address cannot lock that client out: the address is throttled,
+    and before its assertion is even checked (the good assertion below is still unused afterwards)."""
+    app = build(token_refusals_per_minute=3)
+    forged = ClientKey("forged")
+    for _ in range(3):
+        refused(exchange_from(app, "203.0.113.9", assertion(forged)), "invalid_client", 401)
+    good = assertion(client_key)
+    assert throttled(exchange_from(app, "203.0.113.9", good)) == 60
+    assert exchange_from(app, "198.51.100.4", good).status_code == 200  # the client itself, from its own address
+    clock.advance(60)
+    assert exchange_from(app, "203.0.113.9", assertion(client_key)).status_code == 200
+
+
+def test_tokens_issued_are_not_refusals(build: Callable[..., Flask], client_key: ClientKey) -> None:
+    app = build(token_refusals_per_minute=1)
+    for _ in range(3):
+        assert exchange_from(app, "198.51.100.4", assertion(client_key)).status_code == 200
+
+
+def test_zero_turns_a_limit_off(build: Callable[..., Flask], client_key: ClientKey) -> None:
+    app = build(token_requests_per_minute=0, token_refusals_per_minute=0)
+    for _ in range(40):
+        refused(exchange(app, "not-a-jwt"), "invalid_client", 401)
+    for _ in range(35):
+        assert exchange(app, assertion(client_key)).status_code == 200
+
+
+def test_behind_a_proxy_the_forwarded_address_is_counted(build: Callable[..., Flask], client_key: ClientKey) -> None:
+    app = build(token_refusals_per_minute=1, proxy_hops=1)
+
+    def bad_from(address: str) -> Any:
+        data = {"grant_type": "client_credentials", "client_assertion_type": smart.ASSERTION_TYPE}
+        data |= {"client_assertion": "not-a-jwt", "scope": Q}
+        return app.test_client().post("/auth/token", data=data, headers={"X-Forwarded-For": address})
+
+    refused(bad_from("203.0.113.9"), "invalid_client", 401)
+    throttled(bad_from("203.0.113.9"))
+    refused(bad_from("198.51.100.4"), "invalid_client", 401)  # another client behind the same proxy
+
+
+def test_the_request_log_line_names_the_client_of_the_access_token(
+    app: Flask, client_key: ClientKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    from test_request_log import request_lines
+
+    token = access(app, client_key)
+    with caplog.at_level(logging.INFO, logger="cds.request"):
+        assert probe(app, token, Q).status_code == 200
+    (line,) = [line for line in request_lines(caplog) if line["route"] == "/fhir/_probe"]
+    assert line["client_id"] == TEST_ISS and token not in caplog.text

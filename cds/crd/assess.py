@@ -28,10 +28,10 @@ from cds.payers import CoverageChoice, choose_coverage
 from cds.records import snapshot
 from cds.runtime import Runtime
 from cds.store import AssertionRecord, PriorAuth
-from fhir_mappings.extract import ClinicalData, FactFinder, medication_codings
+from fhir_mappings.extract import ClinicalData, FactFinder, medication_codings, ref
 from policies import explain
 from policies.engine import Decision, Determination, evaluate
-from policies.model import Product
+from policies.model import Policy, Product
 from policies.questions import Question, open_questions, shown
 
 
@@ -157,6 +157,19 @@ class _Context:
                 out.extend(r for r in got.resources if r.get("resourceType") == "Location")
         return tuple(out)
 
+    def _where(self, name: str, resource: Mapping[str, Any]) -> str:
+        """Where a resource of a source was sent: ``prefetch.conditions.entry[2].resource`` (the source's first
+        prefetch key for one read from the EHR, whose problems are 412s that name no element)."""
+        for key in SOURCES[name]:
+            value = self.request.prefetch.get(key)
+            if value is resource:
+                return f"prefetch.{key}"
+            entries = value.get("entry") if isinstance(value, Mapping) else None
+            for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+                if isinstance(entry, Mapping) and entry.get("resource") is resource:
+                    return f"prefetch.{key}.entry[{i}].resource"
+        return f"prefetch.{SOURCES[name][0]}"
+
     def option(self, code: str, default: Any) -> Any:
         return self.request.configuration.get(code, default)
 
@@ -178,6 +191,19 @@ class _Context:
                 "fhirAuthorization)"
             )
         return {n: self._data[n] for n in names if n in self._data}
+
+    def check_r4(self, data: Mapping[str, Fetched], only: frozenset[str] | None = None) -> None:
+        """The resources a decision reads from ``data`` (those of ``only``, by ``Type/id``, when given) are FHIR R4,
+        or a 400 (prefetch) / 412 (the EHR's data) naming the element.
+
+        Validating costs about 0.4 ms a resource, and a chart may hold hundreds, so :func:`_assess_order` checks
+        the resources the determination cites as evidence (a malformed element that the extraction read as absent
+        must not become proof: a ``clinicalStatus`` sent as a string would make a Condition active), and all of
+        them only when reading the data failed (a precise 400 instead of a 500)."""
+        for name, fetched in data.items():
+            for resource in _of(fetched, *SOURCE_TYPES[name]):
+                if only is None or ref(resource) in only:
+                    check_resource(resource, self._where(name, resource), fetched)
 
 
 @dataclass(frozen=True)
@@ -235,24 +261,49 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
         return _finish(ctx, job.result(stamp.info(covered="covered", pa_needed="no-auth")))
     policy, product = match
     data = ctx.data(sources_of(rt.mappings, product))
+    try:
+        assessed = _decide(job, policy, product, data, medications)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        # the extraction reads R4 types: a resource that is not R4 is the client's mistake, named by check_r4;
+        # when every resource is R4 the fault is ours, and the error goes on (a 500 with an incident id)
+        ctx.check_r4(data)
+        raise
+    if assessed.determination is not None:
+        ctx.check_r4(data, only=_evidence(assessed.determination))
+    return _finish(ctx, assessed)
+
+
+def _evidence(det: Determination) -> frozenset[str]:
+    """Every reference a determination's findings and dose results cite (``Condition/c1``, ``answer#x``...)."""
+    roots = [f for result in det.indications for f in result.findings]
+    roots += [f for f in (det.selection, det.renewal) if f is not None] + [*det.others, *det.not_covered]
+    cited = {e for root in roots for finding in root.walk() for e in finding.evidence}
+    cited.update(e for dose in det.doses for e in dose.evidence)
+    return frozenset(cited)
+
+
+def _decide(
+    job: _Job, policy: Policy, product: Product, data: Mapping[str, Fetched], medications: Sequence[Mapping[str, Any]]
+) -> Assessed:
+    """The policy evaluated on the order's data (the sources it reads, fetched): pure, nothing stored yet."""
+    ctx, order, choice = job.ctx, job.order, job.choice
+    rt = ctx.rt
 
     def of_source(name: str, *types: str) -> tuple[Mapping[str, Any], ...]:
-        return _of(data[name], *types) if name in data else ()
+        return _of(data[name], *(types or SOURCE_TYPES[name])) if name in data else ()
 
-    encounter = next(iter(of_source("encounter", "Encounter")), None)
+    encounter = next(iter(of_source("encounter")), None)
     clinical = ClinicalData(
         today=ctx.today,
         order=order,
-        patient=next(iter(of_source("patient", "Patient")), None),
-        conditions=of_source("conditions", "Condition"),
-        observations=of_source("observations", "Observation"),
+        patient=next(iter(of_source("patient")), None),
+        conditions=of_source("conditions"),
+        observations=of_source("observations"),
         practitioner_roles=of_source("practitioners", "PractitionerRole"),
         practitioners=of_source("practitioners", "Practitioner"),
         medications=tuple(medications),
-        medication_history=of_source(
-            "medication_history", "MedicationStatement", "MedicationRequest", "MedicationAdministration"
-        ),
-        procedures=of_source("procedures", "Procedure"),
+        medication_history=of_source("medication_history"),
+        procedures=of_source("procedures"),
         encounter=encounter,
         locations=ctx.locations(encounter),
         user=ctx.request.context.get("userId"),
@@ -263,7 +314,7 @@ def _assess_order(ctx: _Context, choice: CoverageChoice, key: str, order: Mappin
     det = evaluate(policy, product, rt.mappings, facts, order, ctx.today, companions=others)
     failed = {n: f.note for n, f in data.items() if f.status == "failed"}
     record = snapshot(clinical, others, patient=_patient_ref(ctx.request), coverage=choice.reference)
-    return _finish(ctx, _from_determination(replace(job, drug=product.title, record=record), det, failed))
+    return _from_determination(replace(job, drug=product.title, record=record), det, failed)
 
 
 def _clinician(request: HookRequest) -> str | None:
@@ -303,6 +354,18 @@ def _companions(ctx: _Context, choice: CoverageChoice, order: Mapping[str, Any],
         if match is not None and match[1].id == product.id:
             others.append(draft)
     return others
+
+
+# the resource types a decision reads from each source (cds.crd.prefetch.SOURCES); other resources there are ignored
+SOURCE_TYPES: Mapping[str, tuple[str, ...]] = {
+    "patient": ("Patient",),
+    "encounter": ("Encounter",),
+    "practitioners": ("PractitionerRole", "Practitioner"),
+    "conditions": ("Condition",),
+    "observations": ("Observation",),
+    "medication_history": ("MedicationStatement", "MedicationRequest", "MedicationAdministration"),
+    "procedures": ("Procedure",),
+}
 
 
 def _of(fetched: Fetched, *types: str) -> tuple[Mapping[str, Any], ...]:

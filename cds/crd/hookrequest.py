@@ -6,8 +6,9 @@ validated against R4 by :func:`validate_resource`. Unknown fields are ignored, a
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -21,6 +22,8 @@ from cds.errors import InvalidRequest, InvalidResource, MalformedJson, Unsupport
 MAX_HOOK_INSTANCE = 128  # CDS Hooks: a UUID (36); the store keeps up to 128
 REFERENCE = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a FHIRPath identifier (used with fullmatch)
+VALIDATOR_STEP = re.compile(r"[a-z][a-z-]*\[.*\]")  # pydantic's own step in a location: function-after[...]
 ORDER_TYPES = frozenset(
     {
         "MedicationRequest",
@@ -156,9 +159,10 @@ def order_bundle(context: Mapping[str, Any], name: str = "draftOrders") -> list[
         if not isinstance(resource, dict):
             raise InvalidResource("every entry must carry a resource", expression=where)
         rtype = resource.get("resourceType")
-        if rtype not in ORDER_TYPES:
+        if not isinstance(rtype, str) or rtype not in ORDER_TYPES:  # a list or object is no type name (unhashable)
             raise InvalidResource(
-                f"{rtype!r} is not an order resource type ({', '.join(sorted(ORDER_TYPES))})", expression=where
+                f"{repr(rtype)[:100]} is not an order resource type ({', '.join(sorted(ORDER_TYPES))})",
+                expression=where,
             )
         if not isinstance(resource.get("id"), str) or not ID.fullmatch(resource["id"]):
             raise InvalidResource(f"the {rtype} needs an id (CRD §found-36)", expression=f"{where}.id")
@@ -181,7 +185,36 @@ def validate_resource(resource: Mapping[str, Any], where: str) -> None:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__")
+        path = fhirpath(first.get("loc", ()))
         raise InvalidResource(
             f"{rtype}/{resource.get('id')} is not valid FHIR R4: {loc or 'resource'}: {first.get('msg', 'invalid')}",
-            expression=f"{where}.{loc}" if loc else where,
+            expression=f"{where}.{path}" if path else where,
         ) from None
+    except KeyError as exc:  # fhir.resources looks a contained resource's type up without checking it first
+        raise InvalidResource(
+            f"{rtype}/{resource.get('id')} is not valid FHIR R4: it holds a resource of no FHIR resource type "
+            f"({str(exc.args[0] if exc.args else '')[:100]!r})",
+            expression=where,
+        ) from None
+
+
+def fhirpath(loc: Iterable[int | str]) -> str:
+    """A pydantic error location as a FHIRPath element path: ``dosageInstruction[0].doseAndRate``. The models' own
+    steps (``root``, ``__root__``, ``function-after[...]``) are left out; a name that is no identifier (an unknown
+    key the client sent) is delimited with backticks, escaped and cut to 64 characters."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("root", "__root__") and not VALIDATOR_STEP.fullmatch(part):
+            out += f".{_name(part)}" if out else _name(part)
+    return out
+
+
+def _name(part: str) -> str:
+    if IDENTIFIER.fullmatch(part):
+        return part
+    escaped = (
+        c if c.isprintable() and c not in "`\\" else "\\`" if c == "`" else json.dumps(c)[1:-1] for c in part[:64]
+    )
+    return f"`{''.join(escaped)}`"

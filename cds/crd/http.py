@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import random
 import re
 import time
@@ -13,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
+from cds import metrics, requestlog, smart
 from cds.crd import hookrequest
 from cds.crd.hookrequest import load_json
 from cds.crd.registry import ServiceDefinition
@@ -20,7 +20,6 @@ from cds.errors import CdsError, InvalidRequest, NotFound, TooLong, UnsupportedM
 from cds.logsafe import clean
 from cds.runtime import Runtime, current
 
-log = logging.getLogger("cds.crd.hooks")
 bp = Blueprint("cds_hooks", __name__)
 
 # Card feedback limits. An EHR sends one item per card a user acted on, so 100 per call is far above real use;
@@ -48,7 +47,7 @@ def json_response(body: Any, status: int = 200) -> Response:
 def _authenticate(rt: Runtime, audience: str, required: bool) -> str | None:
     if not required or rt.verifier is None:
         return None
-    claims = rt.verifier.verify(request.headers.get("Authorization"), audience)
+    claims = smart.verify_client_jwt(rt, audience)
     if random.random() < 0.002:  # now and then, forget token ids that have expired
         rt.store.forget_expired_tokens()
     return str(claims["iss"])
@@ -73,6 +72,7 @@ def invoke(service_id: str) -> Response:
     service = services().get(service_id)
     if service is None:
         raise NotFound(f"No CDS service '{service_id}' here; GET /cds-services lists them")
+    requestlog.annotate(service=service_id)
     iss = _authenticate(rt, f"{rt.base_url}/cds-services/{service_id}", bool(rt.config["auth_required"]))
     started = time.perf_counter()
     received = rt.clock()
@@ -89,6 +89,7 @@ def invoke(service_id: str) -> Response:
         body: dict[str, Any] = outcome.body
         if outcome.assessment is not None:
             records = outcome.assessment.records(hook_instance)
+            metrics.crd_decided(outcome.assessment)
             queried = list(outcome.assessment.queried)
     except CdsError as exc:
         status = exc.http_status
@@ -107,13 +108,8 @@ def invoke(service_id: str) -> Response:
         queried=queried,
         records=records,
     )
-    log.info(
-        "hook service=%s status=%s ms=%s hookInstance=%s orders=%s",
-        clean(service_id),
-        status,
-        duration,
-        clean(hook_instance) if hook_instance else "-",
-        len(records),
+    requestlog.annotate(
+        hook_instance=clean(hook_instance) if hook_instance else None, client_id=iss, orders=len(records)
     )
     return Response(text, status=status, mimetype="application/json")
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cds import metrics
 from cds.crd.hookrequest import HookRequest, validate_resource
 from cds.errors import DataUnavailable, InvalidRequest, InvalidResource
 from cds.fhirclient import FhirClient, FhirReadError, bundle_resources
@@ -186,12 +188,18 @@ class DataSource:
 
     def _query(self, relative: str) -> Fetched:
         assert self.client is not None
+        started = time.perf_counter()
         if not self._take_slot():
+            metrics.ehr_query(relative, time.perf_counter() - started, "busy")
             return Fetched(status="failed", note="too many calls are waiting on EHR servers just now", origin="ehr")
         try:
-            return Fetched(tuple(self.client.search(relative)), origin="ehr")
+            found = Fetched(tuple(self.client.search(relative)), origin="ehr")
         except FhirReadError as exc:
+            late = self.client.reader.remaining() <= 0  # the call's deadline passed: a timeout, else an error
+            metrics.ehr_query(relative, time.perf_counter() - started, "failed", "timeout" if late else "error")
             return Fetched(status="failed", note=str(exc), origin="ehr")
+        metrics.ehr_query(relative, time.perf_counter() - started, "ok")
+        return found
 
     def _resolve(self, key: str) -> Fetched:
         if key in self.request.prefetch:

@@ -130,9 +130,10 @@ def adapt(bundle: Mapping[str, Any], base_url: str) -> dict[str, Any]:
 def the_response(body: Any) -> dict[str, Any]:
     """The QuestionnaireResponse of a call: bare, or the ``questionnaire-response`` part of a Parameters."""
     if isinstance(body, Mapping) and body.get("resourceType") == "Parameters":
+        given = body.get("parameter")
         parts = [
             p
-            for p in body.get("parameter") or ()
+            for p in (given if isinstance(given, list) else ())
             if isinstance(p, Mapping) and p.get("name") == "questionnaire-response"
         ]
         if len(parts) != 1 or not isinstance(parts[0].get("resource"), Mapping):

@@ -33,8 +33,11 @@ def parameters(body: Any, operation: str) -> dict[str, list[Mapping[str, Any]]]:
     """A Parameters body by parameter name (each name may repeat)."""
     if not isinstance(body, Mapping) or body.get("resourceType") != "Parameters":
         raise InvalidResource(f"{operation} takes a Parameters resource", expression="resourceType")
+    found = body.get("parameter")
+    if found is not None and not isinstance(found, list):
+        raise InvalidResource("parameter is a list of parameters", expression="Parameters.parameter")
     out: dict[str, list[Mapping[str, Any]]] = {}
-    for i, part in enumerate(body.get("parameter") or ()):
+    for i, part in enumerate(found or ()):
         if not isinstance(part, Mapping) or not isinstance(part.get("name"), str):
             raise InvalidResource("each parameter has a name", expression=f"Parameters.parameter[{i}]")
         out.setdefault(part["name"], []).append(part)

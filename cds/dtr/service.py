@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cds import authorizations, constants
+from cds import authorizations, constants, metrics
 from cds.crd.assess import drug_inputs, patient_key  # the key CRD gives the patient: one PA serves CRD, DTR and PAS
 from cds.crd.coverage_info import CoverageInfo, Reason, billing_codes
 from cds.dtr import answers, forms, library, valuesets
@@ -203,8 +203,9 @@ def the_response(body: Any) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise InvalidResource("Send a QuestionnaireResponse, or a DTR QuestionnaireResponse Bundle")
     if body.get("resourceType") == "Bundle":
-        entries = body.get("entry") or []
-        first = entries[0].get("resource") if entries and isinstance(entries[0], Mapping) else None
+        entries = body.get("entry")
+        head = entries[0] if isinstance(entries, list) and entries else None
+        first = head.get("resource") if isinstance(head, Mapping) else None
         if body.get("type") != "collection" or not isinstance(first, Mapping):
             raise InvalidResource(
                 "A DTR QuestionnaireResponse Bundle is a collection whose first entry is the response",
@@ -330,6 +331,7 @@ def settle(
     )
     if not ok:
         raise Conflict("Another response settled this assertion meanwhile; open the form again to see its decision")
+    metrics.decided("dtr", policy.id, metrics.coverage_outcome(info.covered, info.pa_needed))
     return Settled(
         assertion_id=assertion_id,
         response=stored,

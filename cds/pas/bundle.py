@@ -3,16 +3,20 @@
 A Bundle that cannot be processed is a 4xx OperationOutcome whose ``expression`` names the element (PAS §spec-35):
 not a collection Bundle with an identifier, no entries, an entry without ``fullUrl`` or resource, a first entry that
 is not a Claim for ``preauthorization``, a reference that resolves to nothing inside the Bundle, a repeated
-``supportingInfo.sequence`` or item sequence, or a Coverage / insurer that identifies none of our payers. Everything
-the request asks that the policy cannot settle is answered in the ClaimResponse instead (PAS §conf-14).
+``supportingInfo.sequence`` or item sequence, or a Coverage / insurer that identifies none of our payers; and, when
+reading the request fails, the first element that is not valid FHIR R4 (:func:`read_as_r4`: validating every entry
+up front costs up to 10 ms a resource, so it is done only when needed). Everything the request asks that the policy
+cannot settle is answered in the ClaimResponse instead (PAS §conf-14).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from cds.crd.hookrequest import validate_resource
 from cds.errors import CoverageProblem, InvalidRequest, InvalidResource
 from cds.payers import Payer
 from cds.runtime import Runtime
@@ -317,3 +321,19 @@ def expedited(claim: Mapping[str, Any]) -> bool:
     return bool(set(codes(claim.get("priority"))) & {"stat", "urgent"}) or bool(
         set(codes((level or {}).get("valueCodeableConcept"))) & {"U", "E"}
     )
+
+
+@contextmanager
+def read_as_r4(body: Any) -> Iterator[None]:
+    """Around everything that reads a request Bundle (checking, deciding): an element of a type FHIR R4 does not
+    allow makes the reading fail (TypeError, KeyError...); then every entry is validated and the 400 names the first
+    element that is not R4. When every entry is valid the fault is ours and the error goes on (a 500). Reading
+    stores nothing, so nothing is left behind."""
+    try:
+        yield
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        entries = body.get("entry") if isinstance(body, Mapping) else None
+        for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+            if isinstance(entry, Mapping) and isinstance(entry.get("resource"), Mapping):
+                validate_resource(entry["resource"], _where(i, ""))
+        raise

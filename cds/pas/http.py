@@ -13,7 +13,7 @@ from flask import Blueprint, Response
 
 from cds.errors import InvalidResource
 from cds.fhir_api import fhir_body, fhir_response
-from cds.pas import service
+from cds.pas import bundle, service
 from cds.runtime import current
 from cds.smart import require_scopes
 
@@ -27,7 +27,9 @@ INQUIRE_SCOPES = ("system/Claim.r",)  # $inquire reads the state of earlier requ
 def _bundle() -> Any:
     body = fhir_body()
     if isinstance(body, Mapping) and body.get("resourceType") == "Parameters":
-        parts = [p for p in body.get("parameter") or () if isinstance(p, Mapping) and p.get("name") == "resource"]
+        given = body.get("parameter")
+        given = given if isinstance(given, list) else ()  # anything else is no resource parameter: refused below
+        parts = [p for p in given if isinstance(p, Mapping) and p.get("name") == "resource"]
         if len(parts) != 1 or not isinstance(parts[0].get("resource"), Mapping):
             raise InvalidResource("Parameters carry the Bundle as one resource parameter", expression="Parameters")
         return parts[0]["resource"]
@@ -38,7 +40,9 @@ def _bundle() -> Any:
 def submit() -> Response:
     rt = current()
     client = require_scopes(rt, *SUBMIT_SCOPES)
-    out, created = service.submit(rt, _bundle(), submitter=client)
+    body = _bundle()
+    with bundle.read_as_r4(body):
+        out, created = service.submit(rt, body, submitter=client)
     log.info("PAS submit: response %s (%s)", out["entry"][0]["resource"]["id"], "new" if created else "stored")
     return fhir_response(out)
 
@@ -47,6 +51,8 @@ def submit() -> Response:
 def inquire() -> Response:
     rt = current()
     client = require_scopes(rt, *INQUIRE_SCOPES)
-    out = service.inquire(rt, _bundle(), submitter=client)
+    body = _bundle()
+    with bundle.read_as_r4(body):
+        out = service.inquire(rt, body, submitter=client)
     log.info("PAS inquire: %d match(es)", len(out["parameter"]))
     return fhir_response(out)

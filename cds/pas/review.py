@@ -196,16 +196,21 @@ def signin() -> Response:
     if not username or not password:
         return _signin_page(400, "Enter your username and password.", username)
     try:
-        reviewer = reviewers.authenticate(rt, _accounts(), username, password[:1024])
+        reviewer = reviewers.authenticate(rt, _accounts(), username, password[:1024], address=_address())
     except reviewers.TooManyAttempts as exc:
         return _signin_page(exc.http_status, exc.message, username)
     if reviewer is None:
         return _signin_page(401, "The username or password is not right.", username)
-    token, _ = reviewers.open_session(rt, reviewer)
+    token, _ = reviewers.open_session(rt, reviewer, address=_address())
     resp = _see_other(url_for("review.queue"))
     _set_cookie(resp, SESSION_COOKIE, token, reviewers.lifetime(rt))
     _clear_cookie(resp, SIGNIN_COOKIE)
     return resp
+
+
+def _address() -> str:
+    """The client's network address, for the audit of sign-ins (behind proxies, see the ``proxy_hops`` setting)."""
+    return (request.remote_addr or "")[:64]
 
 
 @bp.post("/signout")
@@ -214,7 +219,9 @@ def signout() -> Response:
     if session is not None:
         if not reviewers.csrf_ok(session.csrf, request.form.get("csrf")):
             raise Forbidden("The form's CSRF token is missing or wrong")
-        reviewers.close_session(current(), request.cookies.get(SESSION_COOKIE))
+        reviewers.close_session(
+            current(), request.cookies.get(SESSION_COOKIE), username=session.reviewer.username, address=_address()
+        )
     resp = _see_other(url_for("review.signin_form"))
     _clear_cookie(resp, SESSION_COOKIE)
     return resp

@@ -27,12 +27,14 @@ from sqlalchemy import Column, DateTime, Index, Integer, String, Table, delete, 
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from cds.errors import ClientError, ConfigError
+from cds.pas.store import audit
 from cds.runtime import Runtime
 from cds.smart import service_key
 from cds.store import metadata
 
 MAX_FAILURES = 5
 FAILURE_WINDOW = 60  # seconds
+UNKNOWN_ACTOR = "(unknown username)"
 HASH_METHOD = "scrypt"  # werkzeug: scrypt:32768:8:1
 ACCEPTED_METHODS = ("scrypt:", "pbkdf2:")
 
@@ -121,22 +123,30 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def authenticate(rt: Runtime, reviewers: dict[str, Reviewer], username: str, password: str) -> Reviewer | None:
+def authenticate(
+    rt: Runtime, reviewers: dict[str, Reviewer], username: str, password: str, *, address: str = ""
+) -> Reviewer | None:
     """The reviewer whose password this is, else None (a failure is counted).
+
+    Refusals are audited (``signin-refused``, ``signin-throttled``) with the network ``address``; the actor is the
+    username only when it is a reviewer's (what someone typed into the field may be a password).
 
     :raise TooManyAttempts: too many failures for this username lately; the password was not checked."""
     now = rt.clock()
     key = _mac(rt, "review-signin", username.strip().lower())
     since = _utc(now) - timedelta(seconds=FAILURE_WINDOW)
+    reviewer = reviewers.get(username.strip().lower())
+    actor = reviewer.username if reviewer else UNKNOWN_ACTOR
     with rt.store.engine.begin() as conn:
         failures = conn.execute(
             select(func.count())
             .select_from(review_signin_failures)
             .where(review_signin_failures.c.username_key == key, review_signin_failures.c.at > since)
         ).scalar_one()
+        if failures >= MAX_FAILURES:
+            audit(conn, kind="signin-throttled", actor=actor, subject=None, at=now, detail={"address": address})
     if failures >= MAX_FAILURES:
         raise TooManyAttempts("Too many failed sign-ins for this username; wait a minute and try again")
-    reviewer = reviewers.get(username.strip().lower())
     # one KDF run whoever asks: an unknown username costs what a wrong password costs
     ok = verify_password(reviewer.password_hash if reviewer else _dummy_hash(), password)
     if ok and reviewer is not None:
@@ -144,12 +154,13 @@ def authenticate(rt: Runtime, reviewers: dict[str, Reviewer], username: str, pas
     with rt.store.engine.begin() as conn:
         conn.execute(delete(review_signin_failures).where(review_signin_failures.c.at <= since))
         conn.execute(insert(review_signin_failures).values(username_key=key, at=_utc(now)))
+        audit(conn, kind="signin-refused", actor=actor, subject=None, at=now, detail={"address": address})
     return None
 
 
 # --- sessions ---------------------------------------------------------------------------------------------------------
-def open_session(rt: Runtime, reviewer: Reviewer) -> tuple[str, Session]:
-    """A new session: the cookie's token, and the session (its CSRF token)."""
+def open_session(rt: Runtime, reviewer: Reviewer, *, address: str = "") -> tuple[str, Session]:
+    """A new session: the cookie's token, and the session (its CSRF token). Audited as ``signin``."""
     now = _utc(rt.clock())
     token = secrets.token_urlsafe(32)
     session = Session(reviewer, secrets.token_urlsafe(32), now, now + timedelta(seconds=lifetime(rt)))
@@ -164,6 +175,7 @@ def open_session(rt: Runtime, reviewer: Reviewer) -> tuple[str, Session]:
                 expires_at=session.expires_at,
             )
         )
+        audit(conn, kind="signin", actor=reviewer.username, subject=None, at=now, detail={"address": address})
     return token, session
 
 
@@ -192,12 +204,15 @@ def find_session(rt: Runtime, reviewers: dict[str, Reviewer], token: str | None)
     return Session(reviewer, row["csrf"], _utc(row["created_at"]), expires_at)
 
 
-def close_session(rt: Runtime, token: str | None) -> None:
+def close_session(rt: Runtime, token: str | None, *, username: str = UNKNOWN_ACTOR, address: str = "") -> None:
+    """End the session of a cookie's token (audited as ``signout`` when there was one)."""
     if token:
         with rt.store.engine.begin() as conn:
-            conn.execute(
+            gone = conn.execute(
                 delete(review_sessions).where(review_sessions.c.token_hash == _mac(rt, "review-session", token))
-            )
+            ).rowcount
+            if gone:
+                audit(conn, kind="signout", actor=username, subject=None, at=rt.clock(), detail={"address": address})
 
 
 def csrf_ok(expected: str, given: str | None) -> bool:

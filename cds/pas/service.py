@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from cds import authorizations
+from cds import authorizations, metrics
 from cds.errors import BusinessRule, Conflict, InvalidRequest, NotFound
 from cds.pas import bundle, notify, response
 from cds.pas import decide as rules
@@ -137,6 +137,8 @@ def submit(rt: Runtime, body: Any, *, submitter: str | None) -> tuple[dict[str, 
     stored, created = pas_store.insert_or_get(
         rt, values, audit_detail=detail, supersedes=prior["id"] if prior else None
     )
+    if created:
+        metrics.pas_decided(items)
     return stored["response"], created
 
 
@@ -346,4 +348,5 @@ def decide(
         if not ok:
             raise Conflict("Another decision on this request was recorded meanwhile; open it again")
         notify.enqueue(conn, rt, org_identifier=row["org_identifier"], bundle=out, request_id=request_id)
+    metrics.reviewed(row["explanation"]["items"], items)
     return out
