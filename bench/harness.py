@@ -28,8 +28,9 @@ def free_port() -> int:
 
 
 class Target:
-    """One route under load: a fixed body (or one per request from ``bodies``), and a fresh bearer token per request
-    from ``tokens`` (or one ``bearer`` for all, or none)."""
+    """One route under load: a fixed body (or one per request from ``bodies``), a fixed path (or one per request from
+    ``paths``), a fresh bearer token per request from ``tokens`` (or one ``bearer`` for all, or none), and any
+    ``extra_headers`` (a session cookie, a CSRF token)."""
 
     def __init__(
         self,
@@ -43,14 +44,22 @@ class Target:
         content_type: str = "application/json",
         ok: tuple[int, ...] = (200,),
         method: str = "POST",
+        paths: list[str] | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
         self.name, self.path, self.body, self.tokens = name, path, body, tokens
         self.bearer, self.bodies, self.content_type, self.ok = bearer, bodies, content_type, ok
-        self.method = method
+        self.method, self.paths, self.extra_headers = method, paths, extra_headers or {}
         self._lock = threading.Lock()
 
+    def next_path(self) -> str:
+        if self.paths is None:
+            return self.path
+        with self._lock:
+            return self.paths.pop()
+
     def headers(self) -> dict[str, str]:
-        h = {"Content-Type": self.content_type, "Connection": "keep-alive"}
+        h = {"Content-Type": self.content_type, "Connection": "keep-alive", **self.extra_headers}
         if self.tokens is not None:
             with self._lock:
                 h["Authorization"] = f"Bearer {self.tokens.pop()}"
@@ -74,7 +83,7 @@ def send(conn: http.client.HTTPConnection, port: int, target: Target) -> tuple[h
     counts as an error (status 0)."""
     try:
         body = target.next_body() if target.method in ("POST", "PUT") else None
-        conn.request(target.method, target.path, body=body, headers=target.headers())
+        conn.request(target.method, target.next_path(), body=body, headers=target.headers())
         resp = conn.getresponse()
         resp.read()
         return conn, resp.status

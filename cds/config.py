@@ -7,6 +7,7 @@ keeps the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -154,6 +155,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("review_session_seconds", 28800, "Lifetime of a reviewer's session from sign-in, however active."),
     Setting(
+        "review_signin_failures_per_address",
+        5,
+        "Failed reviewer sign-ins a minute for one username from one network address; then sign-in for that username "
+        "from that address is refused (429) until the minute has passed. 0 turns the limit off.",
+    ),
+    Setting(
+        "review_signin_failures_per_user",
+        30,
+        "Failed reviewer sign-ins a minute for one username from all addresses together; then sign-in for that "
+        "username is refused from everywhere until the minute has passed (many addresses guess no faster than "
+        "this). 0 turns the limit off.",
+    ),
+    Setting(
         "notify_delivery",
         True,
         "Run the PAS notification delivery worker (a thread in each `cds serve` worker process) that sends the "
@@ -170,6 +184,14 @@ SETTINGS: tuple[Setting, ...] = (
         "notify_timeout_seconds",
         5.0,
         "Seconds one notification POST may take in all (connect, send, answer); the connection is cut after.",
+    ),
+    Setting(
+        "notify_allowed_networks",
+        ["127.0.0.0/8", "::1/128"],
+        "Networks (CIDR) beyond the public internet that notifications may be sent to. A subscriber's endpoint is "
+        "resolved when it is sent to, and private, link-local (cloud metadata), shared and reserved addresses are "
+        "refused unless listed here. The default admits this machine's loopback (local testing, Inferno on the same "
+        "host): set `[]` in production, or list a partner network you route to.",
     ),
     Setting("bench_echo", False, "Expose `POST /_echo`, a trivial JSON echo route the benchmark compares against."),
     Setting("log_level", "INFO", "Python logging level. Logs never carry patient data or tokens."),
@@ -278,6 +300,7 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
     _check_clients(values["clients"])
     _check_servers("fhir_servers", values["fhir_servers"])
     _check_payers(values["payers"])
+    _check_networks("notify_allowed_networks", values["notify_allowed_networks"])
     if values["log_format"] not in ("json", "text"):
         raise ConfigError(f"log_format is json or text, not {values['log_format']!r}")
     if values["dtr_version"] not in DTR_VERSIONS:
@@ -290,6 +313,16 @@ def _check_servers(where: str, servers: Any) -> None:
         isinstance(u, str) and u.startswith(("http://", "https://")) for u in servers
     ):
         raise ConfigError(f"{where}: must be a list of http(s) base URLs")
+
+
+def _check_networks(where: str, networks: list[Any]) -> None:
+    for n in networks:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: {str(n)[:64]!r} is not a network in CIDR notation (e.g. 10.1.0.0/16)"
+            ) from None
 
 
 def _check_clients(clients: list[Any]) -> None:

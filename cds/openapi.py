@@ -392,6 +392,7 @@ OPERATIONS: Mapping[str, Op | Mapping[str, Op]] = {
         PAGE_ERRORS,
         Body("SignIn", (FORM,), "The sign-in form", required=False),
         error_schema="Html",
+        error_headers={429: ("Retry-After",)},
         summary="Sign in: a session cookie and to the queue, or the form again with the problem",
     ),
     "review.signout": Op(

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -39,7 +39,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import RowMapping
+from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from cds import migrate
@@ -94,7 +94,9 @@ prior_auths = Table(
     Column("patient_key", String(128), nullable=False),  # the patient under one Coverage, hashed (cds.crd)
     Column("product", String(64), nullable=False),
     Column("policy", String(128), nullable=False),  # policy|version
-    Column("status", String(16), nullable=False),  # active, expired (when a successor is issued), revoked
+    # active; expired (lapsed, when a successor is issued); superseded (a reviewer granted another under its key);
+    # revoked (the PAS request that carried it was cancelled)
+    Column("status", String(16), nullable=False),
     Column("valid_from", Date, nullable=False),
     Column("valid_to", Date),  # None: valid for its doses, not a period
     Column("doses", Integer),
@@ -619,6 +621,32 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(select(prior_auths).where(prior_auths.c.pa_id == pa_id)).mappings().first()
         return None if row is None else _prior_auth(row)
+
+    def replace_prior_auth(self, conn: Connection, candidate: PriorAuth) -> list[str]:
+        """Within the caller's transaction: store the candidate as the one active authorization under its reuse key,
+        whatever was active under that key marked "superseded" (their ids are returned). For a reviewer's decision,
+        which grants its own period whatever was issued before.
+
+        :raise IntegrityError: an authorization under the key was issued meanwhile (the caller's transaction fails)."""
+        key = _key_is(candidate.payer_id, candidate.patient_key, candidate.product, candidate.policy)
+        found = conn.execute(select(prior_auths.c.pa_id).where(and_(key, prior_auths.c.status == "active"))).scalars()
+        before = [str(pa_id) for pa_id in found]
+        if before:
+            conn.execute(update(prior_auths).where(prior_auths.c.pa_id.in_(before)).values(status="superseded"))
+        conn.execute(insert(prior_auths).values(**_prior_auth_row(candidate, _now())))
+        return before
+
+    def revoke_prior_auths(self, conn: Connection, pa_ids: Iterable[str]) -> list[str]:
+        """Within the caller's transaction: mark these authorizations "revoked" where they are active; the ids that
+        were."""
+        wanted = sorted(set(pa_ids))
+        if not wanted:
+            return []
+        active = and_(prior_auths.c.pa_id.in_(wanted), prior_auths.c.status == "active")
+        found = [str(pa_id) for pa_id in conn.execute(select(prior_auths.c.pa_id).where(active)).scalars()]
+        if found:
+            conn.execute(update(prior_auths).where(prior_auths.c.pa_id.in_(found)).values(status="revoked"))
+        return found
 
     def set_prior_auth_status(self, pa_id: str, status: str) -> None:
         with self.engine.begin() as conn:

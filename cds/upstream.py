@@ -6,23 +6,30 @@ whatever phase the read is in (connecting, the status line, headers, body). Bodi
 declare or reach more than ``max_bytes``, and never decompressed (``Accept-Encoding: identity``, anything else is
 refused), so a response cannot make the service hold more than the cap.
 
-Which servers may be read at all is decided by the caller (:func:`same_server`, :func:`allowed`).
+Which servers may be read at all is decided by the caller (:func:`same_server`, :func:`allowed`). Where the caller
+does not choose the server (a subscriber's endpoint), a :func:`destination_policy` decides which addresses may be
+connected to: the adapter resolves the name itself and connects only to an allowed address, so a name that resolves
+to an internal one (or starts to, between two requests) reaches nothing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util import connection
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -38,8 +45,71 @@ class Answer:
     content_type: str
 
 
-def _tracked(base: type[HTTPConnectionPool], seen: weakref.WeakSet[Any]) -> type[HTTPConnectionPool]:
+AddressPolicy = Callable[[str], bool]  # an IP address (text) → may it be connected to
+
+
+class DestinationRefused(NewConnectionError):
+    """Every address the destination's name resolves to is outside the :func:`destination_policy`."""
+
+
+def destination_policy(networks: Iterable[str]) -> AddressPolicy:
+    """Global unicast addresses, and those in ``networks`` (CIDR, e.g. ``127.0.0.0/8``); never private, link-local
+    (cloud metadata), shared, reserved, multicast or unspecified ones outside them. An IPv4-mapped IPv6 address is
+    judged as its IPv4 address. :raise ValueError: a network that is not CIDR."""
+    extra = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def allowed(text: str) -> bool:
+        try:
+            address = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address.version == net.version and address in net for net in extra):
+            return True
+        return address.is_global and not address.is_multicast
+
+    return allowed
+
+
+def _guarded(base: type[HTTPConnection], allowed: AddressPolicy) -> type[HTTPConnection]:
+    class Guarded(base):  # type: ignore[valid-type, misc]
+        def _new_conn(self) -> socket.socket:
+            """Resolve the name here and connect to an allowed address only (TLS still checks the name)."""
+            try:
+                infos = socket.getaddrinfo(self._dns_host, self.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise NameResolutionError(self.host, self, exc) from exc
+            fit = list(dict.fromkeys(str(info[4][0]) for info in infos if allowed(str(info[4][0]))))
+            if not fit:
+                raise DestinationRefused(self, "the destination's address is not one this service may connect to")
+            failure: OSError | None = None
+            for address in fit:
+                try:
+                    return connection.create_connection(
+                        (address, self.port),
+                        self.timeout,
+                        source_address=self.source_address,
+                        socket_options=self.socket_options,
+                    )
+                except TimeoutError as exc:
+                    raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from exc
+                except OSError as exc:
+                    failure = exc
+            raise NewConnectionError(self, f"Failed to establish a new connection: {failure}")
+
+    return Guarded
+
+
+def _tracked(
+    base: type[HTTPConnectionPool],
+    conn_cls: type[HTTPConnection],
+    seen: weakref.WeakSet[Any],
+    allowed: AddressPolicy | None,
+) -> type[HTTPConnectionPool]:
     class Tracked(base):  # type: ignore[valid-type, misc]
+        ConnectionCls = conn_cls if allowed is None else _guarded(conn_cls, allowed)
+
         def _get_conn(self, timeout: float | None = None) -> Any:
             conn = super()._get_conn(timeout)
             seen.add(conn)
@@ -49,17 +119,19 @@ def _tracked(base: type[HTTPConnectionPool], seen: weakref.WeakSet[Any]) -> type
 
 
 class CuttableAdapter(HTTPAdapter):
-    """An adapter that remembers the connections it hands out, so that :meth:`cut` can end reads in flight."""
+    """An adapter that remembers the connections it hands out, so that :meth:`cut` can end reads in flight; with
+    ``allowed``, it connects only to the addresses that policy allows (:func:`destination_policy`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: AddressPolicy | None = None) -> None:
         self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.allowed = allowed
         super().__init__(pool_connections=2, pool_maxsize=8, max_retries=0)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            "http": _tracked(HTTPConnectionPool, self.connections),
-            "https": _tracked(HTTPSConnectionPool, self.connections),
+            "http": _tracked(HTTPConnectionPool, HTTPConnection, self.connections, self.allowed),
+            "https": _tracked(HTTPSConnectionPool, HTTPSConnection, self.connections, self.allowed),
         }
 
     def cut(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy import func, select
 from test_dtr import completed, d68_2_order, draft_of
 from test_smart import access
 
+from cds.errors import Conflict
 from cds.pas import service
 from cds.pas import store as pas_store
 from cds.pas.tables import audit_events, pas_requests
@@ -154,6 +156,15 @@ def pas_bundle(
             *({"fullUrl": f"http://ehr.test/fhir/{r['resourceType']}/{r['id']}", "resource": r} for r in resources),
         ],
     }
+
+
+def cancel_all(
+    order: dict[str, Any], prior: dict[str, Any], ident: str = "TX-2", claim_id: str = "claim-2"
+) -> dict[str, Any]:
+    """An update that cancels the whole request (certificationType 3 on the Claim, no items)."""
+    return pas_bundle(
+        order, ident=ident, claim_id=claim_id, prior=prior, items=[], claim_extra={"extension": [cert("3")]}
+    )
 
 
 def submit(client: FlaskClient, body: Any, **kw: Any) -> Any:
@@ -433,14 +444,7 @@ def test_item_cancellation_and_whole_request_cancellation(client: FlaskClient, a
     rt = app.extensions["cds"]
     assert service.pended(rt) == []
     # the update is the current request now; cancelling it again as a whole is refused (cancelled cannot be updated)
-    again = pas_bundle(
-        order,
-        ident="TX-3",
-        claim_id="claim-3",
-        prior=upd["entry"][0]["resource"],
-        items=[],
-        claim_extra={"extension": [cert("3")]},
-    )
+    again = cancel_all(order, upd["entry"][0]["resource"], ident="TX-3", claim_id="claim-3")
     resp = submit(client, again)
     assert resp.status_code == 422, resp.get_data(as_text=True)
     assert resp.get_json()["issue"][0]["expression"] == ["Claim.related.claim"]
@@ -450,20 +454,111 @@ def test_a_whole_request_cancel_without_items(client: FlaskClient, app: Flask) -
     order = signed_order(client, d68_2_order())
     first = pas_bundle(order)
     submit(client, first)
-    cancel = pas_bundle(
-        order,
-        ident="TX-2",
-        claim_id="claim-2",
-        prior=first["entry"][0]["resource"],
-        items=[],
-        claim_extra={"extension": [cert("3")]},
-    )
+    cancel = cancel_all(order, first["entry"][0]["resource"])
     resp = submit(client, cancel)
     assert resp.status_code == 200, resp.get_data(as_text=True)
     cr = claim_response(resp.get_json())
     assert "item" not in cr and "cancelled" in cr["processNote"][0]["text"]
     rows = pas_store.matching(app.extensions["cds"], "cigna", "MEMBER-001", "http://hl7.org/fhir/sid/us-npi|1234567893")
     assert [r["status"] for r in rows] == ["cancelled"]
+
+
+def _pa_status(app: Flask, pa_id: str) -> str:
+    pa = app.extensions["cds"].store.prior_auth(pa_id)
+    assert pa is not None, pa_id
+    return pa.status
+
+
+def _audits(app: Flask, kind: str) -> list[Any]:
+    with app.extensions["cds"].store.engine.connect() as conn:
+        rows = conn.execute(select(audit_events).where(audit_events.c.kind == kind)).mappings().all()
+    return [json.loads(r["detail"]) for r in rows]
+
+
+def test_cancelling_a_certified_item_revokes_its_authorization(client: FlaskClient, app: Flask, satisfied: Any) -> None:
+    """A cancelled request's authorization cannot be reused: the next order-sign of the order needs a new one."""
+    first = pas_bundle(satisfied)
+    pa = claim_response(submit(client, first).get_json())["preAuthRef"]
+    assert pa == info_of(satisfied)["satisfied-pa-id"] and _pa_status(app, pa) == "active"
+    upd = pas_bundle(
+        satisfied, ident="TX-2", claim_id="claim-2", prior=first["entry"][0]["resource"], items=[pas_item(code="3")]
+    )
+    bundle = submit(client, upd).get_json()
+    assert review_codes(bundle) == {1: "C"}
+    cr = claim_response(bundle)
+    assert "preAuthRef" not in cr
+    assert f"Prior authorization {pa} is cancelled" in " ".join(n["text"] for n in cr["processNote"])
+    assert _pa_status(app, pa) == "revoked"
+    assert _audits(app, "prior-auth-revoked") == [{"revoked": [pa]}]
+    again = signed_order(client, hook_request([med_order()], conditions=[condition("D68.311")]))
+    assert info_of(again)["pa-needed"] == "satisfied"
+    assert info_of(again)["satisfied-pa-id"] != pa
+    # the retry of the cancellation is the stored answer and revokes nothing more
+    assert submit(client, upd).get_json() == bundle
+    assert len(_audits(app, "prior-auth-revoked")) == 1
+
+
+def test_cancelling_the_whole_request_revokes_its_authorizations(
+    client: FlaskClient, app: Flask, satisfied: Any
+) -> None:
+    first = pas_bundle(satisfied)
+    pa = claim_response(submit(client, first).get_json())["preAuthRef"]
+    cancel = cancel_all(satisfied, first["entry"][0]["resource"])
+    assert submit(client, cancel).status_code == 200
+    assert _pa_status(app, pa) == "revoked"
+
+
+def test_cancelling_a_pended_item_revokes_nothing(client: FlaskClient, app: Flask, satisfied: Any) -> None:
+    """Another order of the same drug for the same patient is pended; cancelling it leaves the first one's PA."""
+    pa = info_of(satisfied)["satisfied-pa-id"]
+    order = signed_order(client, d68_2_order())
+    first = pas_bundle(order)
+    assert review_codes(submit(client, first).get_json()) == {1: "A4"}
+    upd = pas_bundle(
+        order, ident="TX-2", claim_id="claim-2", prior=first["entry"][0]["resource"], items=[pas_item(code="3")]
+    )
+    assert review_codes(submit(client, upd).get_json()) == {1: "C"}
+    assert _pa_status(app, pa) == "active" and _audits(app, "prior-auth-revoked") == []
+
+
+def test_a_reviewers_approval_grants_its_own_period_over_an_active_authorization(
+    client: FlaskClient, app: Flask, satisfied: Any
+) -> None:
+    """CRD issued a 12-month PA for NovoSeven; a second order for the same patient and drug is pended and a reviewer
+    approves it through February: the response, the store and the next order-sign all give the reviewer's PA."""
+    rt = app.extensions["cds"]
+    crd_pa = info_of(satisfied)["satisfied-pa-id"]
+    order = signed_order(client, d68_2_order())
+    submit(client, pas_bundle(order))
+    (queued,) = service.pended(rt)
+    bundle = service.decide(rt, queued["id"], action="approve", reviewer="rn.lee", period_end="2027-02-28")
+    cr = claim_response(bundle)
+    granted = cr["preAuthRef"]
+    assert granted != crd_pa
+    assert cr["preAuthPeriod"] == {"start": "2026-11-23", "end": "2027-02-28"}
+    pa = rt.store.prior_auth(granted)
+    assert pa is not None and pa.status == "active" and pa.valid_to == date(2027, 2, 28)
+    assert _pa_status(app, crd_pa) == "superseded"
+    assert _audits(app, "prior-auth-granted") == [{"pa": granted, "valid_to": "2027-02-28", "superseded": [crd_pa]}]
+    again = signed_order(client, hook_request([med_order()], conditions=[condition("D68.311")]))
+    assert info_of(again)["satisfied-pa-id"] == granted
+
+
+def test_a_decision_that_loses_the_race_grants_no_authorization(
+    client: FlaskClient, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The authorization is stored in the decision's transaction: an approval read before a denial was recorded is
+    refused and leaves no authorization behind."""
+    rt = app.extensions["cds"]
+    submit(client, pas_bundle(signed_order(client, d68_2_order())))
+    (queued,) = service.pended(rt)
+    stale = pas_store.get(rt, queued["id"])
+    service.decide(rt, queued["id"], action="deny", reviewer="md.khan", reason="not medically necessary")
+    monkeypatch.setattr(pas_store, "get", lambda rt, request_id: stale)
+    with pytest.raises(Conflict):
+        service.decide(rt, queued["id"], action="approve", reviewer="rn.lee", period_end="2027-02-28")
+    with rt.store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(prior_auths)).scalar() == 0
 
 
 def test_inquire_returns_the_current_response_or_none(client: FlaskClient, satisfied: Any) -> None:
@@ -480,6 +575,52 @@ def test_inquire_returns_the_current_response_or_none(client: FlaskClient, satis
     other["entry"][2]["resource"]["subscriberId"] = "SOMEONE-ELSE"
     none = client.post("/fhir/Claim/$inquire", data=json.dumps(other), content_type=FHIR)
     assert none.status_code == 200 and none.get_json()["parameter"] == []
+
+
+def _inquire(client: FlaskClient, order: dict[str, Any], items: list[dict[str, Any]], ident: str) -> list[str]:
+    """The ClaimResponse ids an inquiry with these items returns."""
+    body = pas_bundle(order, ident=ident, claim_id=ident.lower(), items=items)
+    resp = client.post("/fhir/Claim/$inquire", data=json.dumps(body), content_type=FHIR)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return [claim_response(p["resource"])["id"] for p in resp.get_json()["parameter"]]
+
+
+def test_inquire_matches_the_items_service_and_authorization_number(client: FlaskClient, satisfied: Any) -> None:
+    """Query by example (§spec-43): the inquiry's item code, a code range, not-applicable (any service), and the
+    authorization number; two requests of one patient from one provider, for two drugs."""
+    novoseven = claim_response(submit(client, pas_bundle(satisfied)).get_json())
+    other_order = med_order(oid="mr-2", code="J7212", status="active")
+    other = pas_bundle(other_order, ident="TX-2", claim_id="claim-2", items=[pas_item(1, "MedicationRequest/mr-2")])
+    other["entry"][0]["resource"]["item"][0]["productOrService"]["coding"][0]["code"] = "J7212"
+    sevenfact = claim_response(submit(client, other).get_json())
+    both = [novoseven["id"], sevenfact["id"]]
+
+    def item(code: str, seq: int = 1, **ext: str) -> dict[str, Any]:
+        extensions = [{"url": PAS + f"extension-{k}", "valueString": v} for k, v in ext.items()]
+        hcpcs = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
+        return {
+            "sequence": seq,
+            "extension": extensions,
+            "productOrService": {"coding": [{"system": hcpcs, "code": code}]},
+        }
+
+    absent = {"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-applicable"}
+    assert _inquire(client, satisfied, [item("J7189")], "INQ-1") == [novoseven["id"]]
+    assert _inquire(client, satisfied, [item("J7212")], "INQ-2") == [sevenfact["id"]]
+    assert _inquire(client, satisfied, [item("J7189"), item("J7212", 2)], "INQ-3") == both
+    assert _inquire(client, satisfied, [{"sequence": 1, "productOrService": {"coding": [absent]}}], "INQ-4") == both
+    assert _inquire(client, satisfied, [], "INQ-5") == both
+    ranged = item("J7100")
+    ranged["extension"].append(
+        {"url": PAS + "extension-productOrServiceCodeEnd", "valueCodeableConcept": {"coding": [{"code": "J7199"}]}}
+    )
+    assert _inquire(client, satisfied, [ranged], "INQ-6") == [novoseven["id"]]
+    assert _inquire(client, satisfied, [item("J0001")], "INQ-7") == []
+    by_number = {"sequence": 1, "productOrService": {"coding": [absent]}, "extension": []}
+    by_number["extension"] = [{"url": PAS + "extension-authorizationNumber", "valueString": novoseven["preAuthRef"]}]
+    assert _inquire(client, satisfied, [by_number], "INQ-8") == [novoseven["id"]]
+    assert _inquire(client, satisfied, [item("J7212", authorizationNumber=novoseven["preAuthRef"])], "INQ-9") == []
+    assert _inquire(client, satisfied, [item("J7189", authorizationNumber="PA-UNKNOWN")], "INQ-10") == []
 
 
 # --- 4. reviewer contract (used by the reviewer engineer) ------------------------------------------------------

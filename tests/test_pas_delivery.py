@@ -26,6 +26,7 @@ from cds.pas import notify
 from cds.pas.delivery import Delivery, start_for
 from cds.pas.notify import outbox, subscriptions
 from cds.store import Store
+from cds.upstream import destination_policy
 
 
 @pytest.fixture
@@ -158,6 +159,33 @@ def test_an_unreachable_or_slow_receiver_costs_one_bounded_attempt(sqlite_store:
     assert time.monotonic() - started < 2.0  # cut at the deadline, not when the receiver answers
     row = _row(sqlite_store, slow)
     assert row["attempts"] == 1 and row["delivered_at"] is None and row["last_error"].startswith("not delivered")
+
+
+def test_the_address_policy_admits_public_and_listed_networks_only() -> None:
+    allowed = destination_policy(["127.0.0.0/8", "10.20.0.0/16"])
+    yes = ["8.8.8.8", "2606:4700:4700::1111", "127.0.0.1", "10.20.3.4", "::ffff:127.0.0.1"]
+    no = ["10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1"]
+    no += ["::1", "fe80::1", "fd00::1", "::ffff:10.0.0.1", "::", "not an address"]
+    assert [a for a in yes if not allowed(a)] == [] and [a for a in no if allowed(a)] == []
+    assert not destination_policy([])("127.0.0.1")
+
+
+def test_a_name_that_resolves_to_a_refused_address_is_never_connected_to(
+    sqlite_store: Store, receiver: Receiver
+) -> None:
+    """The endpoint's name is resolved at delivery: "localhost" passes the create check, and with loopback left out
+    of the allowed networks nothing reaches the receiver on it."""
+    endpoint = receiver.url.replace("127.0.0.1", "localhost")
+    row_id = _put(sqlite_store, _subscribe(sqlite_store, endpoint), {"n": 1})
+    worker = Delivery(sqlite_store, backoff_base=30.0, allowed=destination_policy([]))
+    assert worker.deliver(row_id)
+    row = _row(sqlite_store, row_id)
+    assert row["delivered_at"] is None and "address is not allowed" in row["last_error"]
+    assert receiver.attempts == []
+    allowed = Delivery(sqlite_store, backoff_base=30.0, allowed=destination_policy(["127.0.0.0/8", "::1/128"]))
+    again = _put(sqlite_store, _subscribe(sqlite_store, endpoint), {"n": 2})
+    assert allowed.deliver(again) and _row(sqlite_store, again)["delivered_at"] is not None
+    assert receiver.bodies() == [{"n": 2}]
 
 
 def test_a_row_survives_a_restart_and_is_delivered_once(tmp_path: Path, receiver: Receiver) -> None:

@@ -160,6 +160,10 @@ CONTENT = f"Subscription.channel._payload.extension('{notify.PAYLOAD_CONTENT_URL
         (_set("channel.endpoint", "ftp://ehr.example/hook"), "Subscription.channel.endpoint"),
         (_set("channel.endpoint", "https://user:pw@ehr.example/hook"), "Subscription.channel.endpoint"),
         (_set("channel.endpoint", "https://ehr.example:99999/hook"), "Subscription.channel.endpoint"),
+        (_set("channel.endpoint", "https://169.254.169.254/latest"), "Subscription.channel.endpoint"),  # metadata
+        (_set("channel.endpoint", "https://10.0.0.5/hook"), "Subscription.channel.endpoint"),
+        (_set("channel.endpoint", "https://[fd00::5]/hook"), "Subscription.channel.endpoint"),
+        (_set("channel.endpoint", "https://[::ffff:192.168.1.1]/hook"), "Subscription.channel.endpoint"),
         (_set("channel.payload", "application/fhir+xml"), "Subscription.channel.payload"),
         (_without("channel.payload"), "Subscription.channel.payload"),
         (_without("channel._payload"), CONTENT),
@@ -193,6 +197,17 @@ def test_loopback_http_and_a_comma_separated_filter_are_accepted(app: Flask, cli
         row = conn.execute(select(subscriptions)).mappings().one()
     assert notify.org_ids(row["org_identifier"]) == ["1234", "5678"]
     assert json.loads(row["headers"]) == ["Authorization: Bearer abc"]
+
+
+def test_loopback_endpoints_are_refused_when_the_networks_setting_leaves_it_out(
+    make_app: Callable[..., Flask],
+) -> None:
+    client = make_app(notify_allowed_networks=[]).test_client()
+    resp = _create(client, subscription("http://127.0.0.1:9/hook"))
+    assert resp.status_code == 400 and "may not be sent to" in resp.get_json()["issue"][0]["details"]["text"]
+    partner = make_app(notify_allowed_networks=["10.20.0.0/16"]).test_client()
+    assert _create(partner, subscription("https://10.20.1.2/hook")).status_code == 201
+    assert _create(partner, subscription("https://10.21.1.2/hook")).status_code == 400
 
 
 def test_a_body_that_is_not_json_or_not_fhir_json(client: FlaskClient) -> None:

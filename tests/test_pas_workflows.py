@@ -71,7 +71,12 @@ def test_a_pended_request_is_decided_by_a_reviewer_and_the_subscriber_is_notifie
     assert target["resourceType"] == "Bundle" and target["type"] == "collection"  # Inferno's PAS check
     assert review_codes(target) == {1: "A1"} and claim_response(target)["preAuthPeriod"]["end"] == "2027-06-30"
     audited = [(e["kind"], e["detail"].get("outcome")) for e in pas_store.audit_for(rt, request_id)]
-    assert audited == [("submit", None), ("decision", None), ("notification", "delivered")]
+    assert audited == [
+        ("submit", None),
+        ("decision", None),
+        ("prior-auth-granted", None),
+        ("notification", "delivered"),
+    ]
 
 
 def test_a_decision_for_another_sending_system_is_not_sent_to_this_subscriber(

@@ -203,22 +203,60 @@ def test_a_wrong_password_and_an_unknown_user_are_refused_alike(
     assert web.get("/review").status_code == 303
 
 
-def test_sign_in_is_rate_limited_per_username(web: FlaskClient, clock: Clock) -> None:
-    for _ in range(reviewers.MAX_FAILURES):
+PER_ADDRESS = 5  # the defaults of review_signin_failures_per_address and _per_user
+PER_USER = 30
+
+
+def from_address(app: Flask, address: str) -> FlaskClient:
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+def test_sign_in_is_rate_limited_per_username_and_address(web: FlaskClient, clock: Clock) -> None:
+    for _ in range(PER_ADDRESS):
         assert sign_in(web, password="guess").status_code == 401
-    limited = sign_in(web)  # even the right password, for this username
+    limited = sign_in(web)  # even the right password, for this username from this address
     assert limited.status_code == 429 and "Too many failed sign-ins" in limited.get_data(as_text=True)
+    assert limited.headers["Retry-After"] == str(reviewers.FAILURE_WINDOW)
     other = web.application.test_client()
     assert sign_in(other, username="md.khan", password="another good password").status_code == 303  # others can
+    # the reviewer at her own desk is not kept out by someone guessing from another address
+    assert sign_in(from_address(web.application, "10.0.0.7")).status_code == 303
     clock.advance(seconds=reviewers.FAILURE_WINDOW + 1)
     assert sign_in(web).status_code == 303
+
+
+def test_many_addresses_together_guess_no_faster_than_the_per_user_limit(web: FlaskClient, clock: Clock) -> None:
+    app = web.application
+    for n in range(PER_USER):
+        guesser = from_address(app, f"10.1.{n // 4}.{n % 4}")  # 4 failures an address, under its own limit
+        assert sign_in(guesser, password=f"guess {n}").status_code == 401
+    assert sign_in(from_address(app, "10.9.9.9")).status_code == 429  # a fresh address, the right password
+    assert (
+        sign_in(from_address(app, "10.9.9.9"), username="md.khan", password="another good password").status_code == 303
+    )
+    clock.advance(seconds=reviewers.FAILURE_WINDOW + 1)
+    assert sign_in(from_address(app, "10.9.9.9")).status_code == 303
+
+
+def test_sign_in_limits_are_settings(make_app: Callable[..., Flask]) -> None:
+    app = make_app(
+        reviewers=reviewer_accounts(), review_signin_failures_per_address=0, review_signin_failures_per_user=2
+    )
+    client = app.test_client()
+    for _ in range(2):
+        assert sign_in(client, password="guess").status_code == 401
+    assert sign_in(from_address(app, "10.2.2.2")).status_code == 429
+    with pytest.raises(ConfigError, match="review_signin_failures_per_address"):
+        make_app(reviewers=reviewer_accounts(), review_signin_failures_per_address=-1)
 
 
 def test_sign_ins_refusals_and_sign_outs_are_audited(review_app: Flask, web: FlaskClient) -> None:
     """Who signed in and out, and every refusal, with the address; a username no reviewer has is never stored (it
     may be a password typed into the wrong field)."""
     sign_in(web, username="my-password-typed-here", password="x")
-    for _ in range(reviewers.MAX_FAILURES):
+    for _ in range(PER_ADDRESS):
         sign_in(web, password="guess")
     sign_in(web)  # throttled
     other = review_app.test_client()
@@ -229,7 +267,7 @@ def test_sign_ins_refusals_and_sign_outs_are_audited(review_app: Flask, web: Fla
         rows = conn.execute(select(audit_events).order_by(audit_events.c.id)).mappings().all()
     assert [(r["kind"], r["actor"]) for r in rows] == [
         ("signin-refused", reviewers.UNKNOWN_ACTOR),
-        *[("signin-refused", "rn.lee")] * reviewers.MAX_FAILURES,
+        *[("signin-refused", "rn.lee")] * PER_ADDRESS,
         ("signin-throttled", "rn.lee"),
         ("signin", "md.khan"),
         ("signout", "md.khan"),
@@ -385,6 +423,37 @@ def test_an_approval_is_recorded_with_who_and_when_and_leaves_the_queue(
     assert again.status_code == 409 and again.get_json()["issue"][0]["code"] == "conflict"
     page = signed_in.get(f"/review/requests/{rid}").get_data(as_text=True)
     assert 'id="decision"' not in page and "approve by rn.lee" in page
+
+
+def test_approvals_of_drugs_no_policy_covers_are_authorizations_of_their_own(
+    review_app: Flask, signed_in: FlaskClient
+) -> None:
+    """Without a policy the reuse key is the item's codes: another drug for the same patient gets its own PA, a
+    second approval of the same drug supersedes the first with the reviewer's new period."""
+    csrf = session_csrf(signed_in)
+
+    def approve(rid: str, end: str) -> str:
+        resp = decide_api(signed_in, rid, {"action": "approve", "period_end": end}, csrf)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        return str(resp.get_json()["entry"][0]["resource"]["preAuthRef"])
+
+    first = approve(submit(signed_in, "drug-a"), "2027-01-31")
+    other_drug = pas_request("drug-b")
+    other_drug["entry"][0]["resource"]["item"][0]["productOrService"] = {
+        "coding": [{"system": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "code": "J9999"}]
+    }
+    resp = signed_in.post("/fhir/Claim/$submit", json=other_drug)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    second = approve(resp.get_json()["entry"][0]["resource"]["id"], "2027-02-28")
+    renewal = approve(submit(signed_in, "drug-a-again"), "2027-06-30")
+    store = review_app.extensions["cds"].store
+    found = {pa: store.prior_auth(pa) for pa in (first, second, renewal)}
+    assert len(found) == 3
+    assert {pa: (p.status, p.valid_to) for pa, p in found.items() if p} == {
+        first: ("superseded", date(2027, 1, 31)),
+        second: ("active", date(2027, 2, 28)),
+        renewal: ("active", date(2027, 6, 30)),
+    }
 
 
 def test_a_modification_through_the_page(signed_in: FlaskClient) -> None:

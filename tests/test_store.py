@@ -130,6 +130,24 @@ def test_active_prior_authorization_lookup_respects_validity(store: Store) -> No
     assert store.active_prior_auth("cigna", "pk", "novoseven-rt", "cigna-ip0356", date(2026, 6, 1)) is None
 
 
+def test_a_replacement_supersedes_only_its_key_and_revocation_only_active_ones(store: Store) -> None:
+    def pa(pa_id: str, product: str, end: date) -> PriorAuth:
+        return PriorAuth(pa_id, "a", "cigna", "pk", product, "cigna-ip0356|3", date(2026, 1, 1), end, None)
+
+    first, other = pa("PA-1", "novoseven-rt", date(2026, 12, 31)), pa("PA-2", "sevenfact", date(2026, 12, 31))
+    assert store.issue_prior_auth(first, date(2026, 6, 1)) == first
+    assert store.issue_prior_auth(other, date(2026, 6, 1)) == other
+    with store.engine.begin() as conn:
+        assert store.replace_prior_auth(conn, pa("PA-3", "novoseven-rt", date(2026, 8, 31))) == ["PA-1"]
+    found = store.active_prior_auth("cigna", "pk", "novoseven-rt", "cigna-ip0356|3", date(2026, 6, 1))
+    assert found is not None and (found.pa_id, found.valid_to) == ("PA-3", date(2026, 8, 31))
+    assert [store.prior_auth(i).status for i in ("PA-1", "PA-2")] == ["superseded", "active"]  # type: ignore[union-attr]
+    with store.engine.begin() as conn:
+        assert store.revoke_prior_auths(conn, ["PA-1", "PA-3", "PA-3", "PA-404"]) == ["PA-3"]
+    assert store.active_prior_auth("cigna", "pk", "novoseven-rt", "cigna-ip0356|3", date(2026, 6, 1)) is None
+    assert store.prior_auth("PA-1").status == "superseded"  # type: ignore[union-attr]
+
+
 def test_questionnaires_are_saved_once(store: Store) -> None:
     store.save_questionnaire("q-1", "p|1", {"resourceType": "Questionnaire", "id": "q-1"})
     store.save_questionnaire("q-1", "p|1", {"resourceType": "Questionnaire", "id": "q-1"})

@@ -15,6 +15,9 @@ process (started after gunicorn forks, :func:`start_for`).
   ``error``. Rows of a subscription that is off, in error or deleted are given up when their turn comes.
 * **Bounded.** One POST at a time per process, ``notify_timeout_seconds`` in all (connect, send, answer), no
   redirects followed, no proxy from the environment, the answer's body never read.
+* **Only to allowed addresses.** The endpoint's name is resolved when it is sent to and only global addresses, or
+  those in ``notify_allowed_networks``, are connected to (:func:`cds.upstream.destination_policy`): a subscriber
+  cannot make the service POST to its own network (cloud metadata, databases, admin consoles).
 
 Logs name outbox rows and subscriptions, never the endpoint, the headers or what was sent.
 """
@@ -38,7 +41,7 @@ from cds.pas.notify import outbox, subscriptions
 from cds.pas.store import audit
 from cds.runtime import utc_now
 from cds.store import Store
-from cds.upstream import CuttableAdapter
+from cds.upstream import AddressPolicy, CuttableAdapter, DestinationRefused, destination_policy
 
 log = logging.getLogger("cds.pas.delivery")
 
@@ -46,6 +49,7 @@ BACKOFF_BASE = 2.0  # seconds before the second attempt
 BACKOFF_CAP = 600.0  # at most ten minutes between attempts
 BATCH = 20  # rows looked at per poll
 MAX_CONNECT = 3.0
+LOOPBACK = ("127.0.0.0/8", "::1/128")  # as the notify_allowed_networks default
 
 
 class Delivery:
@@ -61,8 +65,10 @@ class Delivery:
         lease_seconds: float | None = None,
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
+        allowed: AddressPolicy | None = None,
     ) -> None:
         self.store = store
+        self.allowed = allowed or destination_policy(LOOPBACK)
         self.poll_seconds = poll_seconds
         self.max_attempts = max(1, max_attempts)
         self.timeout = timeout
@@ -243,7 +249,7 @@ class Delivery:
     # --- the POST --------------------------------------------------------------------------------------------------
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
         """Send once within the deadline; None on a 2xx answer, else what went wrong (safe to store and log)."""
-        adapter = CuttableAdapter()
+        adapter = CuttableAdapter(self.allowed)
         session = requests.Session()
         session.trust_env = False
         session.mount("http://", adapter)
@@ -262,6 +268,8 @@ class Delivery:
             )
             resp.close()
         except requests.RequestException as exc:
+            if isinstance(getattr(exc.args[0] if exc.args else None, "reason", None), DestinationRefused):
+                return "not delivered (the endpoint's address is not allowed: notify_allowed_networks)"
             return f"not delivered ({type(exc).__name__})"
         finally:
             timer.cancel()
@@ -307,6 +315,7 @@ def start_for(app: Flask) -> Delivery | None:
                 poll_seconds=float(rt.config["notify_poll_seconds"]),
                 max_attempts=int(rt.config["notify_max_attempts"]),
                 timeout=float(rt.config["notify_timeout_seconds"]),
+                allowed=destination_policy(rt.config["notify_allowed_networks"]),
             ).start()
             _workers[os.getpid()] = worker
         return worker

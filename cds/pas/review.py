@@ -81,6 +81,9 @@ def _setup(state: BlueprintSetupState) -> None:
     state.app.extensions["cds.reviewers"] = reviewers.accounts(rt.config)  # a bad account stops the start
     if reviewers.lifetime(rt) < 60:
         raise ConfigError("review_session_seconds: must be at least 60")
+    for per in ("address", "user"):
+        if reviewers.failure_limit(rt, per) < 0:
+            raise ConfigError(f"review_signin_failures_per_{per}: must be 0 (no limit) or more")
 
 
 def _accounts() -> dict[str, Reviewer]:
@@ -198,7 +201,9 @@ def signin() -> Response:
     try:
         reviewer = reviewers.authenticate(rt, _accounts(), username, password[:1024], address=_address())
     except reviewers.TooManyAttempts as exc:
-        return _signin_page(exc.http_status, exc.message, username)
+        refused = _signin_page(exc.http_status, exc.message, username)
+        refused.headers["Retry-After"] = str(reviewers.FAILURE_WINDOW)
+        return refused
     if reviewer is None:
         return _signin_page(401, "The username or password is not right.", username)
     token, _ = reviewers.open_session(rt, reviewer, address=_address())

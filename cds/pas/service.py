@@ -5,11 +5,13 @@ A submission is checked (:mod:`cds.pas.bundle`), each item decided (:mod:`cds.pa
 same ``Bundle.identifier`` by the same submitter is answered with the stored response and creates nothing. A Claim
 update (``related.claim`` → the prior Claim, carried in the Bundle) is a request of its own that supersedes the prior
 one: each item is matched by sequence, an unchanged decided item keeps its decision, certificationType 3 cancels an
-item (or, on the Claim, the whole request), anything else is decided again. A denied or cancelled request cannot be
-updated (PAS Additional Notes 2).
+item (or, on the Claim, the whole request) and revokes the authorization the prior request gave it, anything else is
+decided again. A denied or cancelled request cannot be updated (PAS Additional Notes 2).
 
 The reviewer's decision (approve A1 / modify A6 / deny A3) is recorded with the new response, the decision row, its
-audit event and the notification to the submitter (``cds.pas.notify.enqueue``) in one transaction.
+audit event, the authorization it grants and the notification to the submitter (``cds.pas.notify.enqueue``) in one
+transaction. The authorization is a new one with the reviewer's period: one active before under the same reuse key
+(payer, patient, product, policy|version) is superseded, so that CRD and DTR answer with what the reviewer granted.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from cds import authorizations, metrics
 from cds.errors import BusinessRule, Conflict, InvalidRequest, NotFound
-from cds.pas import bundle, notify, response
+from cds.pas import bundle, inquiry, notify, response
 from cds.pas import decide as rules
 from cds.pas import store as pas_store
 from cds.pas.bundle import Checked, identifier_key, is_cancelled
@@ -70,6 +74,26 @@ def _items(rt: Runtime, checked: Checked, prior: Mapping[str, Any] | None, today
     return out
 
 
+def _cancel_authorizations(
+    prior: Mapping[str, Any] | None, claim: Mapping[str, Any], items: list[dict[str, Any]]
+) -> list[str]:
+    """The authorizations that an update cancels: those the prior request's items carry where the update cancels
+    the item (certificationType 3) or the whole request. Each cancelled item's reasons say so."""
+    if prior is None:
+        return []
+    whole = is_cancelled(claim)
+    now = {s["sequence"]: s for s in items}
+    out = []
+    for was in prior["explanation"]["items"]:
+        pa_id, state = was.get("pa_id"), now.get(was["sequence"])
+        if not pa_id or not (whole or (state is not None and state["code"] == rules.CANCELLED)):
+            continue
+        out.append(str(pa_id))
+        if state is not None:
+            state["reasons"] = [*state["reasons"], {"code": "", "text": f"Prior authorization {pa_id} is cancelled"}]
+    return out
+
+
 def _patient_key(rt: Runtime, checked: Checked, items: Sequence[Mapping[str, Any]], member: str) -> str:
     for state in items:
         found = rt.store.assertion(str(state["assertion_id"])) if state.get("assertion_id") else None
@@ -104,6 +128,7 @@ def submit(rt: Runtime, body: Any, *, submitter: str | None) -> tuple[dict[str, 
                 expression="Claim.related.claim",
             )
     items = _items(rt, checked, prior, now.date())
+    revoke = _cancel_authorizations(prior, checked.claim, items)
     member = bundle.member_id(checked)
     request_id, bundle_id = rt.new_id(), rt.new_id()
     out = response.response_bundle(rt, checked, items, response_id=request_id, created=now, bundle_id=bundle_id)
@@ -135,7 +160,7 @@ def submit(rt: Runtime, body: Any, *, submitter: str | None) -> tuple[dict[str, 
     }
     detail = {"bundle": checked.bundle_key, "status": status, "items": [[s["sequence"], s["code"]] for s in items]}
     stored, created = pas_store.insert_or_get(
-        rt, values, audit_detail=detail, supersedes=prior["id"] if prior else None
+        rt, values, audit_detail=detail, supersedes=prior["id"] if prior else None, revoke=revoke
     )
     if created:
         metrics.pas_decided(items)
@@ -144,8 +169,8 @@ def submit(rt: Runtime, body: Any, *, submitter: str | None) -> tuple[dict[str, 
 
 def inquire(rt: Runtime, body: Any, *, submitter: str | None) -> dict[str, Any]:
     """Parameters with one ``return`` inquiry response Bundle per current request matching the inquiry's patient
-    (member id), requesting provider and payer (PAS "Prior Authorization Inquiries", §spec-53); none matching is a
-    Parameters without ``return``."""
+    (member id), requesting provider and payer (PAS "Prior Authorization Inquiries", §spec-53) and its items' services
+    and authorization numbers (:mod:`cds.pas.inquiry`); none matching is a Parameters without ``return``."""
     checked = bundle.check(rt, body, inquiry=True)
     member, provider = bundle.member_id(checked), bundle.provider_key(checked)
     if not member:
@@ -155,7 +180,8 @@ def inquire(rt: Runtime, body: Any, *, submitter: str | None) -> dict[str, Any]:
     if not provider:
         raise InvalidRequest("An inquiry names the requesting provider's identifier", expression="Claim.provider")
     now = rt.clock()
-    found = pas_store.matching(rt, checked.payer.id, member, provider)
+    wanted = inquiry.examples(checked.claim)
+    found = [r for r in pas_store.matching(rt, checked.payer.id, member, provider) if inquiry.matches(wanted, r)]
     pas_store.record_audit(
         rt,
         kind="inquire",
@@ -256,21 +282,34 @@ def _default_end(rt: Runtime, state: Mapping[str, Any], today: date) -> date | N
     return authorizations.add_months(today, auth.initial_months) if auth.initial_months else None
 
 
-def _authorize(
+def _reuse_product(state: Mapping[str, Any], request_id: str) -> str:
+    """The product part of an authorization's reuse key: the policy's product, or for a drug no policy covers its
+    submitted codes (hashed to fit), or this request's item when it has none."""
+    if state.get("product"):
+        return str(state["product"])
+    label = str(state.get("drug") or "")
+    basis = f"codes|{label}" if label and label != "item" else f"item|{request_id}|{state['sequence']}"
+    return "pas:" + hashlib.sha256(basis.encode()).hexdigest()[:40]
+
+
+def _candidate(
     rt: Runtime, row: Mapping[str, Any], state: Mapping[str, Any], end: date | None, today: date
 ) -> PriorAuth:
-    candidate = PriorAuth(
+    return PriorAuth(
         rt.new_pa_id(),
         str(state.get("assertion_id") or f"pas:{row['id']}"),
         str(row["payer_id"]),
         str(row["patient_key"]),
-        str(state.get("product") or ""),
+        _reuse_product(state, str(row["id"])),
         str(state.get("policy") or ""),
         today,
         end,
         None,
     )
-    return rt.store.issue_prior_auth(candidate, today)
+
+
+def _key(pa: PriorAuth) -> tuple[str, str, str, str]:
+    return pa.payer_id, pa.patient_key, pa.product, pa.policy
 
 
 def decide(
@@ -285,7 +324,8 @@ def decide(
 ) -> dict[str, Any]:
     """A reviewer's decision on every pended item of a request: approve → A1 (with the period), modify → A6 with
     what was authorized in addItem (quantity or period), deny → A3 (reason required). Returns the new response
-    Bundle; stores it, the decision (who, when), its audit event and the notification in one transaction."""
+    Bundle; stores it, the decision (who, when), the authorization granted (superseding the one active under its
+    reuse key), their audit events and the notification in one transaction."""
     if action not in ACTIONS:
         raise InvalidRequest("action is approve, modify or deny", expression="action")
     if not reviewer:
@@ -308,6 +348,7 @@ def decide(
     today = now.date()
     checked = bundle.check(rt, row["request"])
     claim_items = {i["sequence"]: i for i in checked.claim.get("item") or ()}
+    granted: dict[tuple[str, str, str, str], PriorAuth] = {}  # one authorization per reuse key in this decision
     items = []
     for state in row["explanation"]["items"]:
         state = dict(state)
@@ -321,7 +362,8 @@ def decide(
                     raise InvalidRequest(
                         "give the period end (no policy sets it for this item)", expression="period_end"
                     )
-                pa = _authorize(rt, row, state, until, today)
+                candidate = _candidate(rt, row, state, until, today)
+                pa = granted.setdefault(_key(candidate), candidate)
                 period = {"start": today.isoformat(), **({"end": until.isoformat()} if until else {})}
                 state.update(code=ACTIONS[action], pa_id=pa.pa_id, period=period, reasons=[{"code": "", "text": note}])
                 if action == "modify":
@@ -347,6 +389,25 @@ def decide(
         )
         if not ok:
             raise Conflict("Another decision on this request was recorded meanwhile; open it again")
+        for pa in granted.values():
+            try:
+                superseded = rt.store.replace_prior_auth(conn, pa)
+            except IntegrityError:  # the whole decision rolls back
+                raise Conflict(
+                    "An authorization for this drug and patient was issued meanwhile; open the request again"
+                ) from None
+            pas_store.audit(
+                conn,
+                kind="prior-auth-granted",
+                actor=reviewer,
+                subject=request_id,
+                at=now,
+                detail={
+                    "pa": pa.pa_id,
+                    "valid_to": pa.valid_to.isoformat() if pa.valid_to else None,
+                    "superseded": superseded,
+                },
+            )
         notify.enqueue(conn, rt, org_identifier=row["org_identifier"], bundle=out, request_id=request_id)
     metrics.reviewed(row["explanation"]["items"], items)
     return out

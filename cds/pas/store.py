@@ -9,7 +9,7 @@ wins, the others read the winner back (:func:`insert_or_get`) and create nothing
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,10 +85,16 @@ def current_for_claim(rt: Runtime, submitter: str, claim_key: str) -> dict[str, 
 
 
 def insert_or_get(
-    rt: Runtime, values: Mapping[str, Any], *, audit_detail: Any, supersedes: str | None = None
+    rt: Runtime,
+    values: Mapping[str, Any],
+    *,
+    audit_detail: Any,
+    supersedes: str | None = None,
+    revoke: Sequence[str] = (),
 ) -> tuple[dict[str, Any], bool]:
-    """Store a new request (with its audit event, and for an update the prior request marked superseded) in one
-    transaction. A row under the same (submitter, bundle_key) wins: it is read back and returned, with False."""
+    """Store a new request (with its audit event; for an update the prior request marked superseded and the
+    authorizations it cancels revoked, audited as ``prior-auth-revoked``) in one transaction. A row under the same
+    (submitter, bundle_key) wins: it is read back and returned, with False."""
     try:
         with rt.store.engine.begin() as conn:
             conn.execute(insert(pas_requests).values(**_dumped(values)))
@@ -98,14 +104,11 @@ def insert_or_get(
                     .where(pas_requests.c.id == supersedes)
                     .values(superseded_by=values["id"], updated_at=values["received_at"])
                 )
-            audit(
-                conn,
-                kind="submit",
-                actor=str(values["submitter"]),
-                subject=str(values["id"]),
-                at=values["received_at"],
-                detail=audit_detail,
-            )
+            who = {"actor": str(values["submitter"]), "subject": str(values["id"]), "at": values["received_at"]}
+            audit(conn, kind="submit", detail=audit_detail, **who)
+            revoked = rt.store.revoke_prior_auths(conn, revoke)
+            if revoked:
+                audit(conn, kind="prior-auth-revoked", detail={"revoked": revoked}, **who)
     except IntegrityError:
         found = by_key(rt, str(values["submitter"]), str(values["bundle_key"]))
         if found is None:

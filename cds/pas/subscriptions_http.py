@@ -21,9 +21,11 @@ from sqlalchemy import delete, func, select, update
 from cds.errors import Forbidden, InvalidResource, MalformedJson, NotFound, TooLong
 from cds.fhir_api import fhir_body, fhir_response
 from cds.pas import notify
+from cds.pas.delivery import LOOPBACK
 from cds.pas.notify import outbox, subscriptions
 from cds.runtime import Runtime, current, utc_now
 from cds.smart import require_scopes
+from cds.upstream import AddressPolicy, destination_policy
 
 bp = Blueprint("pas_subscriptions", __name__, url_prefix="/fhir")
 
@@ -60,27 +62,38 @@ def _body() -> Any:
     return body
 
 
-def _endpoint_ok(url: str) -> bool:
+def _allowed() -> AddressPolicy:
+    return destination_policy(current().config["notify_allowed_networks"])
+
+
+def _endpoint_problem(url: str, allowed: AddressPolicy) -> str | None:
+    """Why a channel endpoint is refused, or None: it must be https (http only to loopback), without credentials or
+    fragment, and an address literal must be one notifications may go to (a name is checked each time it is sent
+    to: :mod:`cds.pas.delivery`)."""
+    shape = "channel.endpoint must be an https URL (http only to this machine's loopback address)"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        return False
+        return shape
     if not parts.hostname or parts.username is not None or parts.password is not None or parts.fragment:
-        return False
-    if parts.scheme == "https":
-        return True
-    if parts.scheme != "http":
-        return False
-    if parts.hostname in LOOPBACK_HOSTS:
-        return True
+        return shape
     try:
-        return ipaddress.ip_address(parts.hostname).is_loopback
+        literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(parts.hostname)
     except ValueError:
-        return False
+        literal = None
+    if literal is not None and not allowed(str(literal)):
+        return "channel.endpoint is an address notifications may not be sent to (a private or internal network)"
+    if parts.scheme == "https":
+        return None
+    if parts.scheme != "http":
+        return shape
+    if parts.hostname in LOOPBACK_HOSTS or (literal is not None and literal.is_loopback):
+        return None
+    return shape
 
 
-def validate(body: Mapping[str, Any]) -> Accepted:
+def validate(body: Mapping[str, Any], allowed: AddressPolicy | None = None) -> Accepted:
     """What a Subscription asks for, when the PAS profile allows it.
 
     :raise InvalidResource: 400 naming the element (``expression``) that is missing or not allowed.
@@ -118,11 +131,14 @@ def validate(body: Mapping[str, Any]) -> Accepted:
     if channel.get("type") != "rest-hook":
         raise InvalidResource("PAS supports only the rest-hook channel", expression="Subscription.channel.type")
     endpoint = channel.get("endpoint")
-    if not isinstance(endpoint, str) or len(endpoint) > MAX_ENDPOINT_CHARS or not _endpoint_ok(endpoint):
+    if not isinstance(endpoint, str) or len(endpoint) > MAX_ENDPOINT_CHARS:
         raise InvalidResource(
-            "channel.endpoint must be an https URL (http only to this machine's loopback address)",
+            f"channel.endpoint must be an https URL of at most {MAX_ENDPOINT_CHARS} characters",
             expression="Subscription.channel.endpoint",
         )
+    problem = _endpoint_problem(endpoint, allowed or destination_policy(LOOPBACK))
+    if problem is not None:
+        raise InvalidResource(problem, expression="Subscription.channel.endpoint")
     payload = channel.get("payload")
     if not isinstance(payload, str) or payload.split(";")[0].strip().lower() not in PAYLOAD_TYPES:
         raise InvalidResource(
@@ -216,7 +232,7 @@ def create() -> Response:
     rt = current()
     owner = require_scopes(rt, "system/Subscription.c")
     body = _body()
-    accepted = validate(body)
+    accepted = validate(body, _allowed())
     _may_follow(rt, owner, accepted.org_ids)
     sub_id = str(uuid.uuid4())
     now = utc_now()
@@ -266,7 +282,7 @@ def replace(sub_id: str) -> Response:
     body = _body()
     if body.get("id") not in (None, sub_id):
         raise InvalidResource("The Subscription's id must be the one in the URL", expression="Subscription.id")
-    accepted = validate(body)
+    accepted = validate(body, _allowed())
     _may_follow(rt, owner, accepted.org_ids)
     status = "off" if accepted.off else "requested"
     now = utc_now()
