@@ -1026,12 +1026,18 @@ def schemas() -> dict[str, Any]:
             ("criteria", "channel"),
             status={"enum": ["requested", "active", "error", "off"]},
             criteria={"type": "string", "description": "The PAS topic canonical"},
+            end={"type": "string", "format": "date-time", "description": "When the subscription is turned off"},
             channel=_object(
                 ("type", "endpoint", "payload"),
                 type={"const": "rest-hook"},
                 endpoint={"type": "string", "format": "uri"},
                 payload=STRING,
                 header=STRINGS,
+                extension={
+                    "type": "array",
+                    "items": OBJECT,
+                    "description": "backport-heartbeat-period (valueUnsignedInt, at least 10 seconds)",
+                },
             ),
         ),
         "ValueSet": _resource(

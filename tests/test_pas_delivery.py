@@ -11,8 +11,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -186,6 +187,69 @@ def test_a_name_that_resolves_to_a_refused_address_is_never_connected_to(
     again = _put(sqlite_store, _subscribe(sqlite_store, endpoint), {"n": 2})
     assert allowed.deliver(again) and _row(sqlite_store, again)["delivered_at"] is not None
     assert receiver.bodies() == [{"n": 2}]
+
+
+class FakeClock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+def _set_sub(store: Store, sid: str, **values: Any) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(subscriptions.update().where(subscriptions.c.id == sid).values(**values))
+
+
+def test_an_ended_subscription_is_sent_nothing_more_and_turned_off(store: Store, receiver: Receiver) -> None:
+    now = datetime.now(UTC)
+    sid = _subscribe(store, receiver.url)
+    first, second = _put(store, sid, {"n": 1}), _put(store, sid, {"n": 2})
+    _set_sub(store, sid, ends_at=now - timedelta(seconds=1))
+    worker = Delivery(store, backoff_base=30.0)
+    assert worker.deliver(first)
+    assert _row(store, first)["last_error"] == "the subscription ended"
+    assert worker.sweep() == (1, 0)
+    assert _status(store, sid) == "off"
+    assert _row(store, second)["next_attempt_at"] is None  # given up by the sweep
+    assert receiver.attempts == []
+    rt = SimpleNamespace(clock=lambda: now, base_url="http://cds.test")
+    live = _subscribe(store, receiver.url)
+    ended = _subscribe(store, receiver.url)
+    _set_sub(store, ended, ends_at=now - timedelta(seconds=1))
+    _set_sub(store, live, ends_at=now + timedelta(days=1))
+    with store.engine.begin() as conn:
+        assert notify.enqueue(conn, rt, org_identifier="ORG", bundle=pas_response(), request_id="r-1") == 1  # type: ignore[arg-type]
+        assert [r["kind"] for r in notify.notifications_for(conn, ended)] == []
+
+
+def test_a_heartbeat_goes_to_a_subscription_sent_nothing_for_its_period(store: Store, receiver: Receiver) -> None:
+    start = datetime.now(UTC)
+    sid = _subscribe(store, receiver.url)
+    _set_sub(store, sid, heartbeat_seconds=60, last_notified_at=start, events_since_start=3)
+    quiet = _subscribe(store, receiver.url)  # no heartbeat period: never one
+    clock = FakeClock(start + timedelta(seconds=30))
+    one, other = Delivery(store, clock=clock, base_url="http://cds.test"), Delivery(store, clock=clock)
+    assert one.sweep() == (0, 0)
+    clock.at = start + timedelta(seconds=61)
+    assert (one.sweep(), other.sweep()) == ((0, 1), (0, 0))  # one heartbeat, however many workers
+    with store.engine.connect() as conn:
+        (row,) = notify.notifications_for(conn, sid)
+        assert notify.notifications_for(conn, quiet) == []
+    assert row["kind"] == "heartbeat" and one.deliver(int(row["id"]))
+    (body,) = receiver.bodies()
+    status = {p["name"]: p for p in body["entry"][0]["resource"]["parameter"]}
+    assert status["type"]["valueCode"] == "heartbeat" and "notification-event" not in status
+    assert status["events-since-subscription-start"]["valueString"] == "3"
+    assert status["subscription"]["valueReference"]["reference"] == f"http://cds.test/fhir/Subscription/{sid}"
+    # an event counts as something sent: the next heartbeat is a period after it
+    with store.engine.begin() as conn:
+        notify.add_to_outbox(conn, sid, "event", pas_response(), at=start + timedelta(seconds=100))
+    clock.at = start + timedelta(seconds=150)
+    assert one.sweep() == (0, 0)
+    clock.at = start + timedelta(seconds=161)
+    assert one.sweep() == (0, 1)
 
 
 def test_a_row_survives_a_restart_and_is_delivered_once(tmp_path: Path, receiver: Receiver) -> None:

@@ -7,6 +7,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+HEARTBEAT = notify.BACKPORT + "backport-heartbeat-period"
+HEARTBEAT_PATH = f"Subscription.channel.extension('{HEARTBEAT}')"
 FILTER = f"Subscription._criteria.extension('{notify.FILTER_CRITERIA_URL}')"
 CONTENT = f"Subscription.channel._payload.extension('{notify.PAYLOAD_CONTENT_URL}')"
 
@@ -172,6 +175,13 @@ CONTENT = f"Subscription.channel._payload.extension('{notify.PAYLOAD_CONTENT_URL
         (_set("channel.header", ["X-Ok: 1", "Content-Type: text/plain"]), "Subscription.channel.header[1]"),
         (_set("channel.header", ["X-Bad: a\r\nX-Injected: 1"]), "Subscription.channel.header[0]"),
         (_set("channel.header", "Authorization: Bearer x"), "Subscription.channel.header"),
+        (_set("end", "2020-01-01T00:00:00Z"), "Subscription.end"),  # already passed
+        (_set("end", "2099-01-01"), "Subscription.end"),  # a date, not an instant
+        (_set("end", "2099-01-01T00:00:00"), "Subscription.end"),  # no time zone
+        (_set("end", "9999-12-31T23:59:59-01:00"), "Subscription.end"),  # beyond year 9999 in UTC
+        (_set("end", 20990101), "Subscription.end"),
+        (_set("channel.extension", [{"url": HEARTBEAT, "valueUnsignedInt": 1}]), HEARTBEAT_PATH),  # too often
+        (_set("channel.extension", [{"url": HEARTBEAT, "valueUnsignedInt": "60"}]), HEARTBEAT_PATH),
     ],
 )
 def test_each_element_outside_the_pas_profile_is_a_400_naming_it(
@@ -208,6 +218,19 @@ def test_loopback_endpoints_are_refused_when_the_networks_setting_leaves_it_out(
     partner = make_app(notify_allowed_networks=["10.20.0.0/16"]).test_client()
     assert _create(partner, subscription("https://10.20.1.2/hook")).status_code == 201
     assert _create(partner, subscription("https://10.21.1.2/hook")).status_code == 400
+
+
+def test_end_and_heartbeat_period_are_kept(app: Flask, client: FlaskClient) -> None:
+    sub = subscription("https://ehr.example/hook", extension=[{"url": HEARTBEAT, "valueUnsignedInt": 60}])
+    sub["end"] = "2099-01-31T12:00:00.000Z"
+    resp = _create(client, sub)
+    assert resp.status_code == 201, resp.get_json()
+    assert resp.get_json()["end"] == "2099-01-31T12:00:00.000Z"
+    with app.extensions["cds"].store.engine.connect() as conn:
+        row = conn.execute(select(subscriptions)).mappings().one()
+    assert row["heartbeat_seconds"] == 60
+    assert row["ends_at"].replace(tzinfo=None) == datetime(2099, 1, 31, 12, 0)
+    assert row["last_notified_at"] is not None  # the handshake
 
 
 def test_a_body_that_is_not_json_or_not_fhir_json(client: FlaskClient) -> None:

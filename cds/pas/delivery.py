@@ -15,6 +15,10 @@ process (started after gunicorn forks, :func:`start_for`).
   ``error``. Rows of a subscription that is off, in error or deleted are given up when their turn comes.
 * **Bounded.** One POST at a time per process, ``notify_timeout_seconds`` in all (connect, send, answer), no
   redirects followed, no proxy from the environment, the answer's body never read.
+* **Lifetime.** Each poll (at most every :data:`SWEEP_SECONDS`) turns ``off`` the subscriptions whose ``end`` has
+  passed (what they still had to receive is given up), and puts a ``heartbeat`` in the outbox for each active one
+  with a heartbeat period that was sent nothing for that long; of workers racing, one puts it there (a conditional
+  update of ``last_notified_at``).
 * **Only to allowed addresses.** The endpoint's name is resolved when it is sent to and only global addresses, or
   those in ``notify_allowed_networks``, are connected to (:func:`cds.upstream.destination_policy`): a subscriber
   cannot make the service POST to its own network (cloud metadata, databases, admin consoles).
@@ -30,13 +34,14 @@ import os
 import random
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import requests
 from flask import Flask
 from sqlalchemy import select, update
 
+from cds.pas import notify
 from cds.pas.notify import outbox, subscriptions
 from cds.pas.store import audit
 from cds.runtime import utc_now
@@ -50,6 +55,7 @@ BACKOFF_CAP = 600.0  # at most ten minutes between attempts
 BATCH = 20  # rows looked at per poll
 MAX_CONNECT = 3.0
 LOOPBACK = ("127.0.0.0/8", "::1/128")  # as the notify_allowed_networks default
+SWEEP_SECONDS = 5.0  # how often a worker looks for ended subscriptions and due heartbeats
 
 
 class Delivery:
@@ -66,8 +72,11 @@ class Delivery:
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
         allowed: AddressPolicy | None = None,
+        base_url: str = "",
     ) -> None:
         self.store = store
+        self.base_url = base_url  # the subscriptions' references in heartbeats
+        self._swept: datetime | None = None
         self.allowed = allowed or destination_policy(LOOPBACK)
         self.poll_seconds = poll_seconds
         self.max_attempts = max(1, max_attempts)
@@ -110,8 +119,12 @@ class Delivery:
 
     # --- one poll --------------------------------------------------------------------------------------------------
     def run_once(self) -> int:
-        """Try every due row (up to a batch); how many this worker claimed."""
+        """Sweep when it is time (:meth:`sweep`), then try every due row (up to a batch); how many this worker
+        claimed."""
         now = self.clock()
+        if self._swept is None or (now - self._swept).total_seconds() >= SWEEP_SECONDS:
+            self._swept = now
+            self.sweep()
         with self.store.engine.connect() as conn:
             due = (
                 conn.execute(
@@ -130,6 +143,61 @@ class Delivery:
             if self.deliver(int(row_id)):
                 claimed += 1
         return claimed
+
+    def sweep(self) -> tuple[int, int]:
+        """Turn off the subscriptions whose end has passed and put due heartbeats in the outbox; how many of each."""
+        now = self.clock()
+        live = subscriptions.c.status.in_(("requested", "active", "error"))
+        with self.store.engine.begin() as conn:
+            ended = [
+                str(sid)
+                for sid in conn.execute(
+                    select(subscriptions.c.id).where(live, subscriptions.c.ends_at <= now)
+                ).scalars()
+            ]
+            if ended:
+                conn.execute(
+                    update(subscriptions)
+                    .where(subscriptions.c.id.in_(ended), live)
+                    .values(status="off", updated_at=now)
+                )
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.subscription_id.in_(ended), outbox.c.delivered_at.is_(None))
+                    .values(next_attempt_at=None, last_error="the subscription ended")
+                )
+        for sid in ended:
+            log.info("subscription %s ended and is off", sid)
+        with self.store.engine.connect() as conn:
+            wanted = [subscriptions.c[n] for n in ("id", "heartbeat_seconds", "last_notified_at", "created_at")]
+            candidates = conn.execute(
+                select(*wanted).where(
+                    subscriptions.c.status == "active", subscriptions.c.heartbeat_seconds.is_not(None)
+                )
+            ).all()
+        beats = 0
+        for sid, period, last, created in candidates:
+            if (now - _aware(last or created)).total_seconds() >= int(period):
+                beats += self._heartbeat(str(sid), last, now)
+        return len(ended), beats
+
+    def _heartbeat(self, sub_id: str, last: datetime | None, now: datetime) -> int:
+        """Put one heartbeat in the outbox unless another worker did since ``last`` was read; 1 when this one did."""
+        since = subscriptions.c.last_notified_at
+        with self.store.engine.begin() as conn:
+            claimed = conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == sub_id, since.is_(None) if last is None else since == last)
+                .values(last_notified_at=now)
+            ).rowcount
+            if claimed != 1:
+                return 0
+            count = conn.execute(
+                select(subscriptions.c.events_since_start).where(subscriptions.c.id == sub_id)
+            ).scalar()
+            payload = notify.heartbeat_bundle(self.base_url, sub_id, events_since_start=int(count or 0), at=now)
+            notify.add_to_outbox(conn, sub_id, "heartbeat", payload, at=now)
+        return 1
 
     def claim(self, row_id: int) -> datetime | None:
         """Claim one due row; the lease's end (the claim's token), or None when it is not due or another has it."""
@@ -159,15 +227,19 @@ class Delivery:
                     subscriptions.c.headers,
                     subscriptions.c.status,
                     subscriptions.c.resource,
+                    subscriptions.c.ends_at,
                 )
                 .select_from(outbox.outerjoin(subscriptions, subscriptions.c.id == outbox.c.subscription_id))
                 .where(outbox.c.id == row_id)
             ).first()
         if row is None:
             return True
-        kind, payload, attempts, sub_id, endpoint, headers, status, resource = row
+        kind, payload, attempts, sub_id, endpoint, headers, status, resource, ends_at = row
         if status not in ("requested", "active"):
             self._give_up(row_id, until, f"the subscription is {status or 'deleted'}")
+            return True
+        if ends_at is not None and _aware(ends_at) <= self.clock():
+            self._give_up(row_id, until, "the subscription ended")
             return True
         error = self._post(endpoint, payload.encode(), _headers(headers, resource))
         if error is None:
@@ -279,6 +351,11 @@ class Delivery:
         return f"HTTP {resp.status_code}"
 
 
+def _aware(at: datetime) -> datetime:
+    """A stored time as UTC (SQLite hands back naive datetimes)."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 def _headers(stored: str, resource: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in json.loads(stored or "[]"):
@@ -316,6 +393,7 @@ def start_for(app: Flask) -> Delivery | None:
                 max_attempts=int(rt.config["notify_max_attempts"]),
                 timeout=float(rt.config["notify_timeout_seconds"]),
                 allowed=destination_policy(rt.config["notify_allowed_networks"]),
+                base_url=rt.base_url,
             ).start()
             _workers[os.getpid()] = worker
         return worker

@@ -6,6 +6,8 @@ It starts ``requested``; its handshake is put in the outbox in the same transact
 ``active`` (:mod:`cds.pas.delivery`). When a response changes, :func:`enqueue` puts one ``event-notification`` per
 matching active subscription in the outbox, inside the caller's transaction: the request path only inserts rows, the
 delivery worker sends them. The outbox rows are the audit record of every notification (what, when, how often tried).
+A subscription whose ``end`` has passed is sent nothing more and turned ``off``; one with a heartbeat period is sent a
+``heartbeat`` when nothing was sent to it for that long (both by the delivery worker's sweep).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Connection, DateTime, Index, Integer, String, Table, Text, insert, select, update
+from sqlalchemy import Column, Connection, DateTime, Index, Integer, String, Table, Text, insert, or_, select, update
 
 from cds.runtime import Runtime, utc_now
 from cds.store import metadata
@@ -48,6 +50,9 @@ subscriptions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("resource", Text, nullable=False),  # the Subscription as accepted (JSON); status is the column's
     Column("events_since_start", Integer, nullable=False, default=0),
+    Column("ends_at", DateTime(timezone=True)),  # Subscription.end: turned off when it passes
+    Column("heartbeat_seconds", Integer),  # backport-heartbeat-period: a heartbeat when nothing was sent that long
+    Column("last_notified_at", DateTime(timezone=True)),  # when a notification was last put in the outbox for it
     Index("ix_subscriptions_owner", "owner"),
     Index("ix_subscriptions_status", "status"),
 )
@@ -151,6 +156,14 @@ def handshake_bundle(base_url: str, sub_id: str, at: datetime) -> dict[str, Any]
     return _history([_status_entry(base_url, sub_id, status)], at)
 
 
+def heartbeat_bundle(base_url: str, sub_id: str, *, events_since_start: int, at: datetime) -> dict[str, Any]:
+    """The heartbeat sent when nothing was sent to an active subscription for its heartbeat period: no events."""
+    status = status_parameters(
+        base_url, sub_id, status="active", type_="heartbeat", events_since_start=events_since_start
+    )
+    return _history([_status_entry(base_url, sub_id, status)], at)
+
+
 def _claim_response_id(bundle: Mapping[str, Any]) -> str | None:
     entries = bundle.get("entry") or []
     first = entries[0].get("resource") if entries and isinstance(entries[0], Mapping) else None
@@ -189,10 +202,18 @@ def event_bundle(
 
 
 def add_to_outbox(
-    conn: Connection, sub_id: str, kind: str, payload: Mapping[str, Any], *, request_id: str | None = None
+    conn: Connection,
+    sub_id: str,
+    kind: str,
+    payload: Mapping[str, Any],
+    *,
+    request_id: str | None = None,
+    at: datetime | None = None,
 ) -> int:
-    """Put one notification in the outbox, due now; its id."""
-    now = utc_now()  # the wall clock (not the runtime's): the delivery worker compares against it
+    """Put one notification in the outbox, due now (or ``at``), and note on the subscription that it was sent
+    something then (its heartbeat period counts from it); the row's id."""
+    now = at or utc_now()  # the wall clock (not the runtime's): the delivery worker compares against it
+    conn.execute(update(subscriptions).where(subscriptions.c.id == sub_id).values(last_notified_at=now))
     result = conn.execute(
         insert(outbox).values(
             subscription_id=sub_id,
@@ -225,6 +246,7 @@ def enqueue(conn: Connection, rt: Runtime, *, org_identifier: str, bundle: dict[
         select(subscriptions.c.id, subscriptions.c.org_identifier).where(
             subscriptions.c.status == "active",
             subscriptions.c.org_identifier.contains(f",{wanted},", autoescape=True),
+            or_(subscriptions.c.ends_at.is_(None), subscriptions.c.ends_at > utc_now()),
         )
     ).all()
     at = rt.clock()

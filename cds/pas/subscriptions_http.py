@@ -1,8 +1,10 @@
 """The Subscription endpoints under ``/fhir`` (PAS §spec-55/56, R4 Subscriptions backport): create, read, update,
 delete and ``$status``, for the client that owns the subscription only (PAS §spec-59; another client's is "not
 found"). Only what the PAS profile allows is accepted: the PAS topic, one or more ``org-identifier=<id>`` filters,
-a rest-hook channel to an https endpoint, FHIR JSON, ``full-resource`` content. A created (or changed) subscription
-is ``requested`` and its handshake is put in the outbox; :mod:`cds.pas.delivery` sends it and makes it ``active``."""
+a rest-hook channel to an https endpoint, FHIR JSON, ``full-resource`` content; optionally ``end`` (an instant to
+come) and a ``backport-heartbeat-period`` of at least :data:`MIN_HEARTBEAT` seconds. A created (or changed)
+subscription is ``requested`` and its handshake is put in the outbox; :mod:`cds.pas.delivery` sends it and makes it
+``active``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -45,12 +48,57 @@ FILTER_PATH = f"Subscription._criteria.extension('{notify.FILTER_CRITERIA_URL}')
 CONTENT_PATH = f"Subscription.channel._payload.extension('{notify.PAYLOAD_CONTENT_URL}')"
 
 
+HEARTBEAT_URL = notify.BACKPORT + "backport-heartbeat-period"
+MIN_HEARTBEAT = 10  # seconds
+HEARTBEAT_PATH = f"Subscription.channel.extension('{HEARTBEAT_URL}')"
+
+
 @dataclass(frozen=True)
 class Accepted:
     org_ids: tuple[str, ...]
     endpoint: str
     headers: tuple[str, ...]
     off: bool  # the client asked for status off (update only)
+    ends_at: datetime | None = None  # Subscription.end
+    heartbeat_seconds: int | None = None  # backport-heartbeat-period
+
+
+def _end(body: Mapping[str, Any]) -> datetime | None:
+    """``Subscription.end`` as an aware time: a FHIR instant (with its zone) still to come."""
+    raw = body.get("end")
+    if raw is None:
+        return None
+    try:
+        found = datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) and "T" in raw else None
+        if found is not None and found.tzinfo is not None:
+            found = found.astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time, or beyond year 9999 in UTC
+        found = None
+    if found is None or found.tzinfo is None:
+        raise InvalidResource(
+            "end is an instant with its time zone, e.g. 2027-01-31T00:00:00Z", expression="Subscription.end"
+        )
+    if found <= utc_now():
+        raise InvalidResource("end has already passed", expression="Subscription.end")
+    return found
+
+
+def _heartbeat(channel: Mapping[str, Any]) -> int | None:
+    """The backport heartbeat period in seconds (at least :data:`MIN_HEARTBEAT`), or None."""
+    found = [e for e in _list(channel.get("extension")) if e.get("url") == HEARTBEAT_URL]
+    if not found:
+        return None
+    value = found[0].get("valueUnsignedInt")
+    if len(found) > 1 or isinstance(value, bool) or not isinstance(value, int) or value < MIN_HEARTBEAT:
+        raise InvalidResource(
+            f"The heartbeat period is one valueUnsignedInt of at least {MIN_HEARTBEAT} seconds",
+            expression=HEARTBEAT_PATH,
+        )
+    return value
+
+
+def _list(value: Any) -> list[Mapping[str, Any]]:
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
 
 
 def _body() -> Any:
@@ -177,7 +225,8 @@ def validate(body: Mapping[str, Any], allowed: AddressPolicy | None = None) -> A
                 expression=f"Subscription.channel.header[{i}]",
             )
     off = body.get("status") == "off"
-    return Accepted(tuple(ids), endpoint, tuple(str(h) for h in headers), off)
+    ends_at, heartbeat = _end(body), _heartbeat(channel)
+    return Accepted(tuple(ids), endpoint, tuple(str(h) for h in headers), off, ends_at, heartbeat)
 
 
 def _resource(body: Mapping[str, Any], sub_id: str) -> dict[str, Any]:
@@ -255,6 +304,8 @@ def create() -> Response:
                 updated_at=now,
                 resource=json.dumps(resource, separators=(",", ":")),
                 events_since_start=0,
+                ends_at=accepted.ends_at,
+                heartbeat_seconds=accepted.heartbeat_seconds,
             )
         )
         notify.add_to_outbox(conn, sub_id, "handshake", notify.handshake_bundle(rt.base_url, sub_id, rt.clock()))
@@ -298,6 +349,8 @@ def replace(sub_id: str) -> Response:
                 status=status,
                 updated_at=now,
                 resource=json.dumps(resource, separators=(",", ":")),
+                ends_at=accepted.ends_at,
+                heartbeat_seconds=accepted.heartbeat_seconds,
             )
         )
         if status == "requested":
