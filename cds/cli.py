@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(overrides)
     app = create_app(overrides)
     base = cfg.base_url
-    print(
-        f"cds: serving {base} (discovery: {base}/cds-services) with {cfg['workers']} workers; "
-        f"store {cfg.database_url.split('://')[0]}",
-        flush=True,
+    store = cfg.database_url.split("://")[0]
+    policies = ", ".join(sorted(app.extensions["cds"].policies.policies))
+    logging.getLogger("cds.serve").info(
+        "serving %s with %s workers x %s threads; store %s; policies %s",
+        base,
+        cfg["workers"],
+        cfg["threads"],
+        store,
+        policies,
     )
+    if cfg["demo_client"] or sys.stdout.isatty():  # a person is reading; a log collector gets the line above only
+        print(
+            f"cds: serving {base} (discovery: {base}/cds-services) with {cfg['workers']} workers; store {store}",
+            flush=True,
+        )
     if cfg["demo_client"] and cfg["auth_required"]:
         print(
             "cds: demo client on. Call a service with a demo token:\n"

@@ -207,6 +207,12 @@ SETTINGS: tuple[Setting, ...] = (
         "One line per request on the `cds.request` logger (route template, method, status, duration, correlation "
         "id; never paths' values, queries, headers or bodies), at INFO whatever `log_level`.",
     ),
+    Setting(
+        "request_log_probes",
+        True,
+        "Also write the request lines of `/healthz`, `/readyz` and `/metrics` that succeeded (a load balancer or "
+        "Prometheus calling every few seconds); their failures are written either way.",
+    ),
     Setting("metrics", True, "Serve Prometheus metrics at `GET /metrics` and count requests, decisions and EHR reads."),
     Setting(
         "metrics_token",

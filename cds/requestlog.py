@@ -45,6 +45,7 @@ METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 EXTRA_FIELDS = ("service", "hook_instance", "client_id", "orders", "incident")
 FIELDS = ("method", "route", "status", "duration_ms", "correlation_id", *EXTRA_FIELDS)
 MAX_FIELD = 128  # characters of an annotated text value
+PROBES = frozenset(("/healthz", "/readyz", "/metrics"))  # their successes are left out without request_log_probes
 
 
 class JsonFormatter(logging.Formatter):
@@ -161,10 +162,20 @@ def _logged(resp: Response) -> Response:
     return resp
 
 
+def _logged_unless_probe(resp: Response) -> Response:
+    """:func:`_logged`, except for a probe's success (``request_log_probes`` off)."""
+    rule = request.url_rule
+    if rule is not None and rule.rule in PROBES and resp.status_code < 400:
+        return resp
+    return _logged(resp)
+
+
 def register(app: Flask) -> None:
-    """The correlation id on every response of ``app`` and, unless ``request_log`` is off, one line per request.
-    Register before the other request hooks: a request one of them refuses is logged too."""
+    """The correlation id on every response of ``app`` and, unless ``request_log`` is off, one line per request
+    (without ``request_log_probes``, not for a probe's success). Register before the other request hooks: a request
+    one of them refuses is logged too."""
     app.before_request(_started)
-    if app.extensions["cds"].config["request_log"]:
-        app.after_request(_logged)
+    config = app.extensions["cds"].config
+    if config["request_log"]:
+        app.after_request(_logged if config["request_log_probes"] else _logged_unless_probe)
     app.after_request(_tag)

@@ -101,6 +101,26 @@ def test_request_log_off_writes_no_line_and_still_returns_the_id(
     assert request_lines(caplog) == [] and resp.headers["X-Request-ID"]
 
 
+def test_probe_successes_are_left_out_without_request_log_probes(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "m" * 32
+    quiet = make_app(request_log_probes=False, metrics_token=token).test_client()
+    with caplog.at_level(logging.INFO, logger="cds.request"):
+        assert quiet.get("/healthz").status_code == 200 and quiet.get("/readyz").status_code == 200
+        assert quiet.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert quiet.get("/cds-services").status_code == 200
+        assert quiet.get("/metrics").status_code == 401  # a probe's failure is still written
+    assert [(line["route"], line["status"]) for line in request_lines(caplog)] == [
+        ("/cds-services", 200),
+        ("/metrics", 401),
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cds.request"):
+        make_app().test_client().get("/healthz")
+    assert [line["route"] for line in request_lines(caplog)] == ["/healthz"]  # written by default
+
+
 def test_the_formatter_gives_one_json_object_and_never_an_exceptions_message(app: Flask) -> None:
     quoted = "Patient Jane Doe, SSN 078-05-1120"  # what an exception's message may quote from a request
     try:
@@ -277,11 +297,10 @@ def test_no_patient_data_or_token_reaches_the_log_and_each_request_is_one_json_l
         assert secret not in log, secret
     for token in (client_key.token(sign)[:40], replayed):
         assert token not in log
-    parsed = []
-    for text in log.splitlines():
-        if not text.strip() or text.startswith("cds: "):  # the lines `cds serve` prints on start
-            continue
-        parsed.append(json.loads(text))  # every other line is one JSON object
+    # without the demo client and a terminal, `cds serve` prints nothing for people: every line is one JSON object
+    parsed = [json.loads(text) for text in log.splitlines() if text.strip()]
+    (started,) = [p for p in parsed if p["logger"] == "cds.serve"]
+    assert started["message"].startswith(f"serving {server.base} with 2 workers x 2 threads; store sqlite; policies ")
     lines = [p for p in parsed if p["logger"] == "cds.request"]
     for cid in calls.ids:
         mine = [p for p in lines if p["correlation_id"] == cid]
