@@ -30,7 +30,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, render_template, request, url_for
 from flask.sansio.blueprints import BlueprintSetupState
 
-from cds import jsonsafe
+from cds import jsonsafe, ratelimit
 from cds.dtr.page import static_file
 from cds.errors import (
     CdsError,
@@ -200,9 +200,9 @@ def signin() -> Response:
         return _signin_page(400, "Enter your username and password.", username)
     try:
         reviewer = reviewers.authenticate(rt, _accounts(), username, password[:1024], address=_address())
-    except reviewers.TooManyAttempts as exc:
+    except ratelimit.RateLimited as exc:
         refused = _signin_page(exc.http_status, exc.message, username)
-        refused.headers["Retry-After"] = str(reviewers.FAILURE_WINDOW)
+        refused.headers["Retry-After"] = str(exc.retry_after)
         return refused
     if reviewer is None:
         return _signin_page(401, "The username or password is not right.", username)

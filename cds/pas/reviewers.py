@@ -3,11 +3,12 @@
 Accounts come from the ``reviewers`` setting, a list of tables ``{username, name, password_hash}``; the hash is
 werkzeug's ``scrypt:32768:8:1$salt$hex`` (or ``pbkdf2:sha256:...``), made by ``cds reviewer hash`` from a password
 read on stdin. Checking a password always runs the KDF once: a wrong password and an unknown user take the same time.
-Failed sign-ins are counted in the store (every worker sees them), per username and network address and per
-username alone: after ``review_signin_failures_per_address`` failures from one address in :data:`FAILURE_WINDOW`
-seconds, sign-in for that username from that address is refused (429) until the window has passed, without checking
-the password; after ``review_signin_failures_per_user`` from any addresses, from every address. So one address
-guessing a reviewer's password does not keep the reviewer out, and many addresses together guess no faster.
+Failed sign-ins are counted by :mod:`cds.ratelimit` (in the store: every worker sees them), per username and network
+address and per username alone: after ``review_signin_failures_per_address`` failures from one address in
+:data:`FAILURE_WINDOW` seconds, sign-in for that username from that address is refused (429) until the window has
+passed, without checking the password; after ``review_signin_failures_per_user`` from any addresses, from every
+address. So one address guessing a reviewer's password does not keep the reviewer out, and many addresses together
+guess no faster.
 
 A session is a random token in a cookie (HttpOnly, SameSite=Strict, Secure when ``base_url`` is https, path
 ``/review``). The store keeps only its HMAC (keyed from the service secret, purpose ``review-session``), the
@@ -25,10 +26,11 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, Integer, String, Table, delete, func, insert, select
+from sqlalchemy import Column, DateTime, String, Table, delete, insert, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from cds.errors import ClientError, ConfigError
+from cds import ratelimit
+from cds.errors import ConfigError
 from cds.pas.store import audit
 from cds.runtime import Runtime
 from cds.smart import service_key
@@ -48,21 +50,6 @@ review_sessions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
 )
-
-review_signin_failures = Table(
-    "review_signin_failures",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    # HMAC of the username as typed (lower case): one row keyed by it alone, one by it and the address
-    Column("username_key", String(64), nullable=False),
-    Column("at", DateTime(timezone=True), nullable=False),
-    Index("ix_review_signin_failures", "username_key", "at"),
-)
-
-
-class TooManyAttempts(ClientError):
-    http_status = 429
-    issue_code = "throttled"
 
 
 @dataclass(frozen=True)
@@ -133,36 +120,31 @@ def authenticate(
     Refusals are audited (``signin-refused``, ``signin-throttled``) with the network ``address``; the actor is the
     username only when it is a reviewer's (what someone typed into the field may be a password).
 
-    :raise TooManyAttempts: too many failures for this username lately, from this address or from all of them; the
-        password was not checked."""
+    :raise ratelimit.RateLimited: too many failures for this username lately, from this address or from all of them;
+        the password was not checked."""
     now = rt.clock()
     name = username.strip().lower()
-    keys = {"address": _mac(rt, "review-signin", f"{name}\n{address}"), "user": _mac(rt, "review-signin", name)}
-    limits = {kind: failure_limit(rt, kind) for kind in keys}
-    since = _utc(now) - timedelta(seconds=FAILURE_WINDOW)
+    # the username is keyed (HMAC) before the limiter digests it: what was typed into the field may be a password
+    counted = [
+        (_limit(rt, "address"), _mac(rt, "review-signin", f"{name}\n{address}")),
+        (_limit(rt, "user"), _mac(rt, "review-signin", name)),
+    ]
     reviewer = reviewers.get(name)
     actor = reviewer.username if reviewer else UNKNOWN_ACTOR
-    table = review_signin_failures
-    with rt.store.engine.begin() as conn:
-        counts: dict[str, int] = dict(
-            conn.execute(
-                select(table.c.username_key, func.count())
-                .where(table.c.username_key.in_(keys.values()), table.c.at > since)
-                .group_by(table.c.username_key)
-            ).all()
-        )
-        throttled = any(limits[kind] and counts.get(key, 0) >= limits[kind] for kind, key in keys.items())
-        if throttled:
+    try:
+        for limit, key in counted:
+            ratelimit.check(rt, limit, key, "Too many failed sign-ins for this username; wait a minute and try again")
+    except ratelimit.RateLimited:
+        with rt.store.engine.begin() as conn:
             audit(conn, kind="signin-throttled", actor=actor, subject=None, at=now, detail={"address": address})
-    if throttled:
-        raise TooManyAttempts("Too many failed sign-ins for this username; wait a minute and try again")
+        raise
     # one KDF run whoever asks: an unknown username costs what a wrong password costs
     ok = verify_password(reviewer.password_hash if reviewer else _dummy_hash(), password)
     if ok and reviewer is not None:
         return reviewer
+    for limit, key in counted:
+        ratelimit.record(rt, limit, key)
     with rt.store.engine.begin() as conn:
-        conn.execute(delete(table).where(table.c.at <= since))
-        conn.execute(insert(table), [{"username_key": key, "at": _utc(now)} for key in keys.values()])
         audit(conn, kind="signin-refused", actor=actor, subject=None, at=now, detail={"address": address})
     return None
 
@@ -170,6 +152,10 @@ def authenticate(
 def failure_limit(rt: Runtime, per: str) -> int:
     """Failed sign-ins a minute per username and ``address``, or per ``user`` from any (0: no limit)."""
     return int(rt.config[f"review_signin_failures_per_{per}"])
+
+
+def _limit(rt: Runtime, per: str) -> ratelimit.Limit:
+    return ratelimit.Limit(f"review-signin-{per}", failure_limit(rt, per), FAILURE_WINDOW)
 
 
 # --- sessions ---------------------------------------------------------------------------------------------------------
