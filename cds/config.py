@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cds.constants import DTR_VERSIONS, LOOPBACK_FHIR_SERVERS
+from cds.constants import DTR_VERSIONS, LOOPBACK_FHIR_SERVERS, LOOPBACK_NETWORKS
 from cds.errors import ConfigError
 from cds.scopes import parse as parse_scope
 
@@ -187,7 +187,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "notify_allowed_networks",
-        ["127.0.0.0/8", "::1/128"],
+        list(LOOPBACK_NETWORKS),
         "Networks (CIDR) beyond the public internet that notifications may be sent to. A subscriber's endpoint is "
         "resolved when it is sent to, and private, link-local (cloud metadata), shared and reserved addresses are "
         "refused unless listed here. The default admits this machine's loopback (local testing, Inferno on the same "

@@ -30,6 +30,8 @@ OPTION_MAX_CARDS = "max-cards"
 
 # FHIR servers on this machine, any port (the quick start's EHR; the default for unauthenticated calls)
 LOOPBACK_FHIR_SERVERS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
+# the networks notifications may go to beyond public addresses, by default (notify_allowed_networks)
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 # DTR and SDC (Questionnaires, responses, packages)
 DTR_ADAPT_SEARCH_PROFILE = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/dtr-questionnaire-adapt-search"

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import Column, DateTime, Index, Integer, String, Table, delete, func, insert, select
 
 from cds.errors import ClientError
-from cds.runtime import Runtime
+from cds.runtime import Runtime, as_utc
 from cds.store import metadata
 
 rate_events = Table(
@@ -55,17 +55,13 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def check(rt: Runtime, limit: Limit, key: str, message: str) -> None:
     """Nothing when ``key`` may make one more request now.
 
     :raise RateLimited: ``limit.events`` were recorded for ``key`` within the last ``limit.window`` seconds."""
     if limit.events <= 0:
         return
-    now = _utc(rt.clock())
+    now = as_utc(rt.clock())
     since = now - timedelta(seconds=limit.window)
     where = (rate_events.c.bucket == limit.bucket, rate_events.c.key_hash == _digest(key), rate_events.c.at > since)
     with rt.store.engine.connect() as conn:
@@ -74,7 +70,7 @@ def check(rt: Runtime, limit: Limit, key: str, message: str) -> None:
         ).one()
     if used < limit.events:
         return
-    wait = (_utc(oldest) + timedelta(seconds=limit.window) - now).total_seconds()
+    wait = (as_utc(oldest) + timedelta(seconds=limit.window) - now).total_seconds()
     raise RateLimited(message, max(1, math.ceil(wait)))
 
 
@@ -82,7 +78,7 @@ def record(rt: Runtime, limit: Limit, key: str) -> None:
     """Count one request of ``key`` now (and forget this bucket's requests older than the window)."""
     if limit.events <= 0:
         return
-    now = _utc(rt.clock())
+    now = as_utc(rt.clock())
     since = now - timedelta(seconds=limit.window)
     with rt.store.engine.begin() as conn:
         conn.execute(delete(rate_events).where(rate_events.c.bucket == limit.bucket, rate_events.c.at <= since))

@@ -24,6 +24,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """A stored or given time in UTC; a naive one (SQLite hands them back) is taken to be UTC already."""
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def random_id() -> str:
     return str(uuid.uuid4())
 

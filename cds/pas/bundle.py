@@ -111,6 +111,11 @@ def references(resource: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from references(value, f"{path}[{i}]")
 
 
+def mappings(value: Any) -> list[Mapping[str, Any]]:
+    """The objects of a JSON array (anything else in it, or a value that is not an array, gives none)."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
 def codes(concept: Any) -> list[str]:
     codings = concept.get("coding") if isinstance(concept, Mapping) else None
     return [str(c.get("code")) for c in codings or () if isinstance(c, Mapping) and c.get("code")]

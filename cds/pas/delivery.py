@@ -34,17 +34,18 @@ import os
 import random
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import requests
 from flask import Flask
 from sqlalchemy import select, update
 
+from cds.constants import LOOPBACK_NETWORKS
 from cds.pas import notify
 from cds.pas.notify import outbox, subscriptions
 from cds.pas.store import audit
-from cds.runtime import utc_now
+from cds.runtime import as_utc, utc_now
 from cds.store import Store
 from cds.upstream import AddressPolicy, CuttableAdapter, DestinationRefused, destination_policy
 
@@ -54,7 +55,6 @@ BACKOFF_BASE = 2.0  # seconds before the second attempt
 BACKOFF_CAP = 600.0  # at most ten minutes between attempts
 BATCH = 20  # rows looked at per poll
 MAX_CONNECT = 3.0
-LOOPBACK = ("127.0.0.0/8", "::1/128")  # as the notify_allowed_networks default
 SWEEP_SECONDS = 5.0  # how often a worker looks for ended subscriptions and due heartbeats
 
 
@@ -77,7 +77,7 @@ class Delivery:
         self.store = store
         self.base_url = base_url  # the subscriptions' references in heartbeats
         self._swept: datetime | None = None
-        self.allowed = allowed or destination_policy(LOOPBACK)
+        self.allowed = allowed or destination_policy(LOOPBACK_NETWORKS)
         self.poll_seconds = poll_seconds
         self.max_attempts = max(1, max_attempts)
         self.timeout = timeout
@@ -177,7 +177,7 @@ class Delivery:
             ).all()
         beats = 0
         for sid, period, last, created in candidates:
-            if (now - _aware(last or created)).total_seconds() >= int(period):
+            if (now - as_utc(last or created)).total_seconds() >= int(period):
                 beats += self._heartbeat(str(sid), last, now)
         return len(ended), beats
 
@@ -238,7 +238,7 @@ class Delivery:
         if status not in ("requested", "active"):
             self._give_up(row_id, until, f"the subscription is {status or 'deleted'}")
             return True
-        if ends_at is not None and _aware(ends_at) <= self.clock():
+        if ends_at is not None and as_utc(ends_at) <= self.clock():
             self._give_up(row_id, until, "the subscription ended")
             return True
         error = self._post(endpoint, payload.encode(), _headers(headers, resource))
@@ -349,11 +349,6 @@ class Delivery:
         if 200 <= resp.status_code < 300:
             return None
         return f"HTTP {resp.status_code}"
-
-
-def _aware(at: datetime) -> datetime:
-    """A stored time as UTC (SQLite hands back naive datetimes)."""
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def _headers(stored: str, resource: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cds.pas.bundle import PAS, extension
+from cds.pas.bundle import PAS, extension, mappings
 
 AUTHORIZATION_NUMBER = PAS + "extension-authorizationNumber"
 ADMINISTRATION_REFERENCE = PAS + "extension-administrationReferenceNumber"
@@ -61,7 +61,7 @@ class Example:
 def examples(claim: Mapping[str, Any]) -> list[Example]:
     """One example per inquiry item."""
     out = []
-    for item in _list(claim.get("item")):
+    for item in mappings(claim.get("item")):
         codes = [c for c in _codes(item.get("productOrService")) if c[1] != NOT_APPLICABLE]
         end = extension(item, CODE_END)
         last = _codes((end or {}).get("valueCodeableConcept"))
@@ -75,15 +75,11 @@ def matches(wanted: Sequence[Example], request: Mapping[str, Any]) -> bool:
     """Whether a stored request (its submitted Bundle and explanation) is one the inquiry asks about."""
     if not wanted:
         return True
-    pa_ids = {s.get("sequence"): s.get("pa_id") for s in _list(request["explanation"].get("items"))}
-    entries = _list(request["request"].get("entry"))
+    pa_ids = {s.get("sequence"): s.get("pa_id") for s in mappings(request["explanation"].get("items"))}
+    entries = mappings(request["request"].get("entry"))
     claim = entries[0].get("resource") if entries and isinstance(entries[0], Mapping) else None
-    items = _list(claim.get("item")) if isinstance(claim, Mapping) else []
+    items = mappings(claim.get("item")) if isinstance(claim, Mapping) else []
     return any(e.fits(item, pa_ids.get(item.get("sequence"))) for e in wanted for item in items)
-
-
-def _list(value: Any) -> list[Mapping[str, Any]]:
-    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
 
 
 def _codes(concept: Any) -> list[Code]:

@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -32,7 +32,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from cds import ratelimit
 from cds.errors import ConfigError
 from cds.pas.store import audit
-from cds.runtime import Runtime
+from cds.runtime import Runtime, as_utc
 from cds.smart import service_key
 from cds.store import metadata
 
@@ -108,10 +108,6 @@ def _mac(rt: Runtime, purpose: str, value: str) -> str:
     return hmac.new(service_key(rt, purpose), value.encode(), hashlib.sha256).hexdigest()
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def authenticate(
     rt: Runtime, reviewers: dict[str, Reviewer], username: str, password: str, *, address: str = ""
 ) -> Reviewer | None:
@@ -161,7 +157,7 @@ def _limit(rt: Runtime, per: str) -> ratelimit.Limit:
 # --- sessions ---------------------------------------------------------------------------------------------------------
 def open_session(rt: Runtime, reviewer: Reviewer, *, address: str = "") -> tuple[str, Session]:
     """A new session: the cookie's token, and the session (its CSRF token). Audited as ``signin``."""
-    now = _utc(rt.clock())
+    now = as_utc(rt.clock())
     token = secrets.token_urlsafe(32)
     session = Session(reviewer, secrets.token_urlsafe(32), now, now + timedelta(seconds=lifetime(rt)))
     with rt.store.engine.begin() as conn:
@@ -197,11 +193,11 @@ def find_session(rt: Runtime, reviewers: dict[str, Reviewer], token: str | None)
         )
     if row is None:
         return None
-    expires_at = _utc(row["expires_at"])
+    expires_at = as_utc(row["expires_at"])
     reviewer = reviewers.get(row["username"])
-    if reviewer is None or expires_at <= _utc(rt.clock()):
+    if reviewer is None or expires_at <= as_utc(rt.clock()):
         return None
-    return Session(reviewer, row["csrf"], _utc(row["created_at"]), expires_at)
+    return Session(reviewer, row["csrf"], as_utc(row["created_at"]), expires_at)
 
 
 def close_session(rt: Runtime, token: str | None, *, username: str = UNKNOWN_ACTOR, address: str = "") -> None:

@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, request
 from sqlalchemy import delete, func, select, update
 
+from cds.constants import LOOPBACK_NETWORKS
 from cds.errors import Forbidden, InvalidResource, MalformedJson, NotFound, TooLong
 from cds.fhir_api import fhir_body, fhir_response
 from cds.pas import notify
-from cds.pas.delivery import LOOPBACK
+from cds.pas.bundle import mappings
 from cds.pas.notify import outbox, subscriptions
 from cds.runtime import Runtime, current, utc_now
 from cds.smart import require_scopes
@@ -85,7 +86,7 @@ def _end(body: Mapping[str, Any]) -> datetime | None:
 
 def _heartbeat(channel: Mapping[str, Any]) -> int | None:
     """The backport heartbeat period in seconds (at least :data:`MIN_HEARTBEAT`), or None."""
-    found = [e for e in _list(channel.get("extension")) if e.get("url") == HEARTBEAT_URL]
+    found = [e for e in mappings(channel.get("extension")) if e.get("url") == HEARTBEAT_URL]
     if not found:
         return None
     value = found[0].get("valueUnsignedInt")
@@ -95,10 +96,6 @@ def _heartbeat(channel: Mapping[str, Any]) -> int | None:
             expression=HEARTBEAT_PATH,
         )
     return value
-
-
-def _list(value: Any) -> list[Mapping[str, Any]]:
-    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
 
 
 def _body() -> Any:
@@ -151,10 +148,7 @@ def validate(body: Mapping[str, Any], allowed: AddressPolicy | None = None) -> A
     if body.get("criteria") != notify.PAS_TOPIC:
         raise InvalidResource(f"criteria must be the PAS topic {notify.PAS_TOPIC}", expression="Subscription.criteria")
     extensions = (body.get("_criteria") or {}).get("extension") if isinstance(body.get("_criteria"), Mapping) else None
-    filters = [
-        e for e in (extensions if isinstance(extensions, list) else []) if isinstance(e, Mapping) and e.get("url")
-    ]
-    filters = [e for e in filters if e["url"] == notify.FILTER_CRITERIA_URL]
+    filters = [e for e in mappings(extensions) if e.get("url") == notify.FILTER_CRITERIA_URL]
     if not filters:
         raise InvalidResource(
             "A backport-filter-criteria extension on criteria with the value org-identifier=<sending system id> "
@@ -184,7 +178,7 @@ def validate(body: Mapping[str, Any], allowed: AddressPolicy | None = None) -> A
             f"channel.endpoint must be an https URL of at most {MAX_ENDPOINT_CHARS} characters",
             expression="Subscription.channel.endpoint",
         )
-    problem = _endpoint_problem(endpoint, allowed or destination_policy(LOOPBACK))
+    problem = _endpoint_problem(endpoint, allowed or destination_policy(LOOPBACK_NETWORKS))
     if problem is not None:
         raise InvalidResource(problem, expression="Subscription.channel.endpoint")
     payload = channel.get("payload")
@@ -196,11 +190,7 @@ def validate(body: Mapping[str, Any], allowed: AddressPolicy | None = None) -> A
     payload_ext = (
         (channel.get("_payload") or {}).get("extension") if isinstance(channel.get("_payload"), Mapping) else []
     )
-    contents = [
-        e.get("valueCode")
-        for e in (payload_ext if isinstance(payload_ext, list) else [])
-        if isinstance(e, Mapping) and e.get("url") == notify.PAYLOAD_CONTENT_URL
-    ]
+    contents = [e.get("valueCode") for e in mappings(payload_ext) if e.get("url") == notify.PAYLOAD_CONTENT_URL]
     if contents != ["full-resource"]:
         raise InvalidResource(
             "PAS notifications carry the full PAS response Bundle: the payload content must be full-resource",
